@@ -1,0 +1,45 @@
+import { ServiceBroker } from "moleculer";
+import ApiService from "../../services/api.service";
+import OrdersService from "../../services/orders.service";
+import ProductsService from "../../services/products.service";
+import UsersService from "../../services/users.service";
+import { http } from "../support/cluster";
+import { eventually } from "../support/eventually";
+
+/** The whole system in one process on embedded defaults (memory stores), as `npm run dev` runs it. */
+describe("all services in one broker on the memory store", () => {
+	const port = 30_000 + Math.floor(Math.random() * 10_000);
+	const base = `http://127.0.0.1:${port}/api`;
+	let broker: ServiceBroker;
+
+	beforeAll(async () => {
+		broker = new ServiceBroker({ logger: false, cacher: "Memory" });
+		broker.createService({ ...ApiService, settings: { ...ApiService.settings, port } });
+		for (const schema of [UsersService, ProductsService, OrdersService]) broker.createService(schema);
+		await broker.start();
+		// The gateway generates its routes a moment after the services appear; readiness says when.
+		await eventually(async () => ((await http(base, "GET", "/health/ready")).status === 200 ? true : undefined));
+	});
+	afterAll(() => broker.stop());
+
+	it("is live and ready", async () => {
+		expect((await http(base, "GET", "/health")).body).toEqual({ status: "ok" });
+		expect((await http(base, "GET", "/health/ready")).status).toBe(200);
+	});
+
+	it("registers, and routes only actions that declare `auth`", async () => {
+		const reg = await http<{ token: string }>(base, "POST", "/users/register", {
+			body: { email: "u@x.test", password: "password-1", name: "U" },
+		});
+		expect(reg.status).toBe(201);
+		expect((await http(base, "GET", "/users/me", { token: reg.body.token })).status).toBe(200);
+		// products.reserve has no `auth` and no `rest`: not reachable from outside.
+		expect((await http(base, "POST", "/products/reserve", { body: {} })).status).toBe(404);
+	});
+
+	it("answers a service error from inside with the contract's shape, never a stack", async () => {
+		const res = await http<Record<string, unknown>>(base, "GET", "/products/0123456789abcdef01234567");
+		expect(res.status).toBe(404);
+		expect(res.body).toEqual({ name: "NotFoundError", message: "Product not found", code: 404, type: "NOT_FOUND", data: null });
+	});
+});
