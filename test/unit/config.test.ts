@@ -13,7 +13,7 @@ describe("configuration", () => {
 		const cfg = loadConfig({ TRANSPORTER: "amqp://a:5672, amqp://b:5672", AMQP_PREFETCH: "64" });
 		expect(transporterFrom(cfg)).toMatchObject({
 			type: "AMQP",
-			options: { url: ["amqp://a:5672", "amqp://b:5672"], prefetch: 64, socketOptions: { noDelay: true } },
+			options: { url: ["amqp://a:5672?heartbeat=10", "amqp://b:5672?heartbeat=10"], prefetch: 64, socketOptions: { noDelay: true } },
 		});
 	});
 
