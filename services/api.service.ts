@@ -92,6 +92,8 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				path: "",
 				// Every action with a `rest` definition gets its route; `authorize` then requires `auth`.
 				autoAliases: true,
+				// Served by the rate-limited route above only.
+				blacklist: ["users.login", "users.register"],
 				aliases: {
 					"GET /health": "api.health",
 					"GET /health/ready": "api.ready",

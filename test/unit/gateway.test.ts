@@ -3,6 +3,7 @@ import ApiService from "../../services/api.service";
 import OrdersService from "../../services/orders.service";
 import ProductsService from "../../services/products.service";
 import UsersService from "../../services/users.service";
+import { config } from "../../lib/config";
 import { http } from "../support/cluster";
 import { eventually } from "../support/eventually";
 
@@ -35,6 +36,20 @@ describe("all services in one broker on the memory store", () => {
 		expect((await http(base, "GET", "/users/me", { token: reg.body.token })).status).toBe(200);
 		// products.reserve has no `auth` and no `rest`: not reachable from outside.
 		expect((await http(base, "POST", "/products/reserve", { body: {} })).status).toBe(404);
+	});
+
+	it("rate limits login attempts per client with a 429", async () => {
+		const limit = config.auth.loginRateLimitPerMinute;
+		const attempts = await Promise.all(
+			Array.from({ length: limit + 5 }, () =>
+				http(base, "POST", "/users/login", { body: { email: "nobody@x.test", password: "wrong-password" } }),
+			),
+		);
+		const statuses = attempts.map((a) => a.status);
+		// Registration earlier in this file counts against the same per-client window.
+		expect(statuses.filter((s) => s === 401).length).toBeLessThanOrEqual(limit);
+		expect(statuses.filter((s) => s === 429).length).toBeGreaterThanOrEqual(5);
+		expect(statuses.every((s) => s === 401 || s === 429)).toBe(true);
 	});
 
 	it("answers a service error from inside with the contract's shape, never a stack", async () => {
