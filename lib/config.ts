@@ -56,6 +56,8 @@ export interface Config {
 		/** A `pending` order older than this is considered abandoned by a dead node and is resolved. */
 		pendingTimeoutMs: number;
 		sweepIntervalMs: number;
+		/** Test hook (NODE_ENV=test only): the orders process dies right after a reservation, before confirming. */
+		crashAfterReserve: boolean;
 	};
 }
 
@@ -181,6 +183,7 @@ export function loadConfig(env: Env = process.env): Config {
 		orders: {
 			pendingTimeoutMs: int(env, "ORDER_PENDING_TIMEOUT_MS", 60_000, 1_000),
 			sweepIntervalMs: int(env, "ORDER_SWEEP_INTERVAL_MS", 15_000, 100),
+			crashAfterReserve: nodeEnv === "test" && bool(env, "TEST_CRASH_AFTER_RESERVE", false),
 		},
 	};
 }

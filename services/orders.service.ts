@@ -181,6 +181,8 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 					throw new UnavailableError("The products service is unavailable; no order was placed", "PRODUCTS_UNAVAILABLE");
 				}
 
+				if (config.orders.crashAfterReserve) process.kill(process.pid, "SIGKILL");
+
 				const lines: OrderLine[] = reserved.map((l) => ({
 					productId: l.productId,
 					name: l.name,

@@ -21,6 +21,8 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 	let call: <T = Record<string, unknown>>(method: string, path: string, opts?: Parameters<typeof http>[3]) => Promise<HttpResult<T>>;
 	/** Every response body, to prove no password or hash ever leaves the system. */
 	const seenBodies: string[] = [];
+	/** Every user event payload, for the same check. */
+	const seenEvents: string[] = [];
 
 	async function register(email: string, name = "Test User", password = "password-123") {
 		const res = await call<{ user: { id: string }; token: string }>("POST", "/users/register", { body: { email, password, name } });
@@ -65,6 +67,14 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 			nodeID: `${namespace}-test-client`,
 			transporter: transporterFrom({ transporter: infra!.amqpUrl, amqp: config.amqp }),
 			logger: false,
+		});
+		client.createService({
+			name: "event-recorder",
+			events: {
+				"user.*"(ctx: { params: unknown }) {
+					seenEvents.push(JSON.stringify(ctx.params));
+				},
+			},
 		});
 		await client.start();
 		await cluster.waitReady();
@@ -539,10 +549,41 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 		});
 	});
 
+	describe("when the orders node dies between reservation and confirmation", () => {
+		it("the sweeper releases the stock and marks the order failed after a restart", async () => {
+			const p = await createProduct({ name: "Crash", stock: 5 });
+			const buyer = await register("crash@example.com");
+			const orders = cluster.nodes.find((n) => n.name.startsWith("orders") && n.child.exitCode === null)!;
+			await orders.stop();
+			const doomed = cluster.start("orders", { TEST_CRASH_AFTER_RESERVE: "true" });
+			await cluster.waitReady();
+
+			const res = await call("POST", "/orders", { token: buyer.token, body: { items: [{ productId: p.id, quantity: 2 }] } });
+			expect(res.status).toBeGreaterThanOrEqual(500);
+			expect(await doomed.stop()).toBeNull(); // killed by the hook, not a normal exit
+			expect(await stockOf(p.id)).toBe(3);
+
+			cluster.start("orders", { ORDER_PENDING_TIMEOUT_MS: "1000", ORDER_SWEEP_INTERVAL_MS: "300" });
+			await cluster.waitReady();
+			await eventually(async () => ((await stockOf(p.id)) === 5 ? true : undefined));
+			// Until the gateway notices the killed node is gone, a call may still be routed to it.
+			const failed = await eventually(async () => {
+				const mine = await call<{ rows?: Array<{ status: string; history: Array<{ status: string }> }> }>("GET", "/orders", {
+					token: buyer.token,
+				});
+				return mine.status === 200 ? mine.body.rows : undefined;
+			});
+			expect(failed!.map((r) => r.status)).toEqual(["failed"]);
+			expect(failed![0].history.map((h) => h.status)).toEqual(["pending", "failed"]);
+		}, 150_000);
+	});
+
 	it("never let a password or a hash out, in any response or log line", () => {
 		const secret = /passwordHash|\$argon2|password-123|admin-password-1|new-password-1/;
 		expect(seenBodies.length).toBeGreaterThan(100);
 		expect(seenBodies.filter((b) => secret.test(b))).toEqual([]);
+		expect(seenEvents.length).toBeGreaterThan(20);
+		expect(seenEvents.filter((e) => secret.test(e))).toEqual([]);
 		const logs = cluster.nodes.map((n) => n.output()).join("\n");
 		expect(logs.split("\n").filter((line) => secret.test(line))).toEqual([]);
 	});
