@@ -4,6 +4,7 @@ import mongoose from "mongoose";
 import { ServiceBroker } from "moleculer";
 import { config } from "../../lib/config";
 import { transporterFrom } from "../../moleculer.config";
+import { seed } from "../../scripts/seed";
 import { Cluster, http, type HttpResult } from "../support/cluster";
 import { describeWithInfra, eventually, infra, uniqueName } from "../support/infra";
 
@@ -286,6 +287,15 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 			expect((await call("POST", "/products", { token: adminToken, body: { name: "Dup", price: 1, stock: 1, sku: "VAL-1" } })).status).toBe(
 				409,
 			);
+		});
+
+		it("loads the demo catalogue idempotently with npm run seed's code", async () => {
+			const first = await seed({ baseUrl: cluster.baseUrl, email: ADMIN.email, password: ADMIN.password, count: 36 });
+			const again = await seed({ baseUrl: cluster.baseUrl, email: ADMIN.email, password: ADMIN.password, count: 36 });
+			expect(first).toEqual({ created: 36, existing: 0 });
+			expect(again).toEqual({ created: 0, existing: 36 });
+			const books = await call<{ total: number }>("GET", "/products?category=books&search=%23");
+			expect(books.body.total).toBe(6);
 		});
 
 		it("lists with search, filters, sorting and pagination", async () => {
