@@ -18,4 +18,4 @@ COPY --from=build /app/dist ./dist
 USER node
 # SERVICES selects the service(s) of this container, e.g. SERVICES=products.
 ENV SERVICEDIR=dist/services
-CMD ["node_modules/.bin/moleculer-runner", "--config", "dist/moleculer.config.js"]
+CMD ["node", "dist/runner.js", "--config", "dist/moleculer.config.js"]

@@ -4,7 +4,7 @@ import { eventually } from "./eventually";
 import type { Infra } from "./infra";
 
 const ROOT = path.resolve(__dirname, "../..");
-const RUNNER = path.join(ROOT, "node_modules/moleculer/bin/moleculer-runner.js");
+const RUNNER = path.join(ROOT, "runner.ts");
 
 export interface NodeProcess {
 	name: string;
