@@ -16,4 +16,7 @@ class ShopRunner extends Runner {
 	}
 }
 
-new ShopRunner().start(process.argv);
+// The REPL reads stdin; without a terminal it would see end-of-input at once and stop the node.
+const args = process.stdin.isTTY ? process.argv : process.argv.filter((arg) => arg !== "--repl" && arg !== "-r");
+
+new ShopRunner().start(args);
