@@ -20,7 +20,7 @@
  *   npm run bench -- --smoke (seconds, from the TypeScript sources; the test suite runs it)
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import autocannon from "autocannon";
@@ -219,8 +219,28 @@ function procStats(pid: number): { ticks: number; peakRssKiB: number } {
 
 const CLOCK_TICKS = 100;
 
+/** The shared servers, whose CPU is part of each topology's cost: RabbitMQ (beam.smp) and FerretDB. */
+function serverPids(): Record<string, number> {
+	const found: Record<string, number> = {};
+	for (const entry of readdirSync("/proc")) {
+		if (!/^\d+$/.test(entry)) continue;
+		try {
+			const comm = readFileSync(`/proc/${entry}/comm`, "utf8").trim();
+			if (comm === "beam.smp") found.rabbitmq = Number(entry);
+			if (comm === "ferretdb" && found.ferretdb === undefined) found.ferretdb = Number(entry);
+		} catch {
+			// the process ended meanwhile
+		}
+	}
+	return found;
+}
+
 async function measure(t: Topology, scenario: ScenarioName, connections: number, durationSec: number): Promise<Measurement> {
-	const before = t.nodes.map((n) => procStats(n.child.pid!));
+	const watched = [
+		...t.nodes.map((n) => ({ name: n.name, pid: n.child.pid! })),
+		...Object.entries(serverPids()).map(([name, pid]) => ({ name, pid })),
+	];
+	const before = watched.map((w) => procStats(w.pid));
 	const started = Date.now();
 	const result = await autocannon({
 		url: `http://127.0.0.1:${t.port}`,
@@ -230,7 +250,7 @@ async function measure(t: Topology, scenario: ScenarioName, connections: number,
 		requests: [requestFor(t, scenario)],
 	});
 	const elapsedSec = (Date.now() - started) / 1000;
-	const after = t.nodes.map((n) => procStats(n.child.pid!));
+	const after = watched.map((w) => procStats(w.pid));
 	return {
 		topology: t.name,
 		scenario,
@@ -337,7 +357,7 @@ export function formatRestMarkdown(r: RestBenchResult): string {
 	const lines = [
 		`Machine: ${r.machine}. Median of ${r.rounds} round(s) of ${r.durationSec} s per measurement, topologies alternated.`,
 		"",
-		"| scenario | conns | topology | req/s | × in-process | p50 ms | p99 ms | p99 × in-process | errors | CPU % per node | peak RSS MiB per node |",
+		"| scenario | conns | topology | req/s | × in-process | p50 ms | p99 ms | p99 × in-process | errors | CPU % per process (nodes, RabbitMQ, FerretDB) | peak RSS MiB per node |",
 		"| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
 	];
 	for (const m of r.rows) {
