@@ -1,4 +1,12 @@
-import type { BrokerOptions, TransporterConfig } from "moleculer";
+import {
+	Errors,
+	type ServiceBroker,
+	type BrokerOptions,
+	type Context,
+	type Middleware,
+	type Service,
+	type TransporterConfig,
+} from "moleculer";
 import { config, type Config } from "./lib/config";
 
 /**
@@ -42,6 +50,54 @@ export function transporterFrom(cfg: Pick<Config, "transporter" | "amqp">): Brok
 	return cfg.transporter as BrokerOptions["transporter"];
 }
 
+/**
+ * Moleculer 0.15.2 drops the pending request of a remote call that timed out (its ErrorHandler
+ * middleware) without settling the promise that request tracking waits for. A node that ever called
+ * a node that never answered (a crashed one) then spent the whole `tracking.shutdownTimeout` on stop
+ * and logged GracefulStopTimeoutError. Registered before Moleculer's own middlewares, this sits inside
+ * the tracker and settles that promise shortly after the caller's own timeout has answered.
+ */
+export const SettleTimedOutCalls: Middleware = {
+	name: "SettleTimedOutCalls",
+	remoteAction(next) {
+		return function (this: Service, ctx: Context) {
+			const pending = next.call(this, ctx);
+			const timeout = ctx.options.timeout ?? 0;
+			if (timeout <= 0) return pending;
+			let timer: NodeJS.Timeout | undefined;
+			const settled = new Promise<never>((_, reject) => {
+				// Later than the Timeout middleware's own deadline, which keeps answering the caller.
+				timer = setTimeout(() => reject(new Errors.RequestTimeoutError({ action: ctx.action?.name, nodeID: ctx.nodeID })), timeout + 1_000);
+			});
+			return Promise.race([pending, settled]).finally(() => clearTimeout(timer));
+		};
+	},
+};
+
+/**
+ * Moleculer's heartbeat timer can fire while a stopping node's AMQP channel is closing; amqplib then
+ * rejects the publish ("Channel closing") and the unhandled rejection killed the node with exit 1
+ * in the middle of a graceful stop. A publish that fails while the broker stops is dropped.
+ */
+export function DropPublishWhileStopping(): Middleware {
+	let broker: ServiceBroker | undefined;
+	return {
+		name: "DropPublishWhileStopping",
+		created(b: ServiceBroker) {
+			broker = b;
+		},
+		transporterSend(next: (...args: unknown[]) => Promise<void>) {
+			return (...args: unknown[]) =>
+				Promise.resolve()
+					.then(() => next(...args))
+					.catch((err: Error) => {
+						if (broker && !broker.started) return;
+						throw err;
+					});
+		},
+	} as unknown as Middleware;
+}
+
 export function brokerOptions(cfg: Config): BrokerOptions {
 	return {
 		namespace: cfg.namespace,
@@ -58,6 +114,10 @@ export function brokerOptions(cfg: Config): BrokerOptions {
 		cacher: cfg.cacher as BrokerOptions["cacher"],
 
 		requestTimeout: cfg.requestTimeoutMs,
+		// Moleculer's defaults (10 s / 30 s) leave a crashed node in the registry for up to a minute;
+		// every request routed to it meanwhile times out.
+		heartbeatInterval: cfg.heartbeat.intervalSeconds,
+		heartbeatTimeout: cfg.heartbeat.timeoutSeconds,
 		// Retries only happen for errors Moleculer marks retryable (timeouts, a node that left). Calls
 		// to actions that are not idempotent pass `retries: 0` explicitly.
 		retryPolicy: {
@@ -88,6 +148,7 @@ export function brokerOptions(cfg: Config): BrokerOptions {
 		},
 		// Track in-flight requests so a stopping node finishes them before it disconnects.
 		tracking: { enabled: true, shutdownTimeout: Math.max(cfg.requestTimeoutMs, 1_000) },
+		middlewares: [SettleTimedOutCalls, DropPublishWhileStopping()],
 
 		validator: true,
 

@@ -84,6 +84,8 @@ export class MongoStore extends MongooseAdapter implements DocumentStore {
 	model!: Model<MongoDocument>;
 	private readonly storeOpts: MongoStoreOptions;
 	private main!: MongoCollection<MongoDocument>;
+	/** Set on a normal stop, so closing the connection is not reported as an outage. */
+	private closing = false;
 
 	constructor(uri: string, opts: MongoStoreOptions) {
 		super(uri);
@@ -114,12 +116,15 @@ export class MongoStore extends MongooseAdapter implements DocumentStore {
 
 		const log = this.service.logger;
 		log.info(`MongoDB connected, database "${dbName}".`);
-		conn.on("disconnected", () => log.warn(`MongoDB disconnected (database "${dbName}"); requests answer 503 until it is back.`));
+		conn.on("disconnected", () => {
+			if (!this.closing) log.warn(`MongoDB disconnected (database "${dbName}"); requests answer 503 until it is back.`);
+		});
 		conn.on("reconnected", () => log.info(`MongoDB reconnected (database "${dbName}").`));
 		conn.on("error", (err: Error) => log.error(`MongoDB error (database "${dbName}"): ${err.name}`));
 	}
 
 	async disconnect(): Promise<void> {
+		this.closing = true;
 		if (this.conn) await this.conn.close();
 	}
 
