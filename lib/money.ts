@@ -7,11 +7,11 @@ export const DEFAULT_CURRENCY = "USD";
 /** The largest amount we accept for one price, far below Number.MAX_SAFE_INTEGER so totals stay exact. */
 export const MAX_PRICE = 100_000_000_00;
 
-/** fastest-validator rules for a price and a currency. */
+/** fastest-validator rules for a price and a currency (the pattern a string: see lib/params.ts). */
 export const priceParam = { type: "number", integer: true, min: 0, max: MAX_PRICE } as const;
 export const currencyParam = {
 	type: "string",
-	pattern: /^[A-Z]{3}$/,
+	pattern: "^[A-Z]{3}$",
 	messages: { stringPattern: "'{field}' must be an ISO 4217 code like USD" },
 } as const;
 

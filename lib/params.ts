@@ -1,4 +1,8 @@
-/** fastest-validator schemas shared by the services' actions. */
+/**
+ * fastest-validator schemas shared by the services' actions. Patterns are strings, not RegExps: action
+ * schemas reach the gateway through discovery as JSON, where a RegExp becomes `{}`, and the OpenAPI
+ * document (lib/openapi.ts) is generated from them.
+ */
 
 /** Every public action strips fields it does not declare: nothing unasked-for is stored or queried. */
 export const STRICT = { $$strict: "remove" } as const;
@@ -6,7 +10,7 @@ export const STRICT = { $$strict: "remove" } as const;
 /** Ids are MongoDB ObjectId hex strings; anything else is a 422 before it reaches a query. */
 export const objectId = {
 	type: "string",
-	pattern: /^[0-9a-fA-F]{24}$/,
+	pattern: "^[0-9a-fA-F]{24}$",
 	messages: { stringPattern: "'{field}' must be a 24-character hex id" },
 } as const;
 

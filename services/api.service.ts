@@ -2,8 +2,11 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Context, ServiceSchema } from "moleculer";
 import { Errors } from "moleculer";
 import ApiGateway, { type ApiSettingsSchema } from "moleculer-web";
+import { healthSchema, openApiDocumentSchema, readinessSchema } from "../lib/api-schemas";
 import { config } from "../lib/config";
+import { docsAssets, docsPage } from "../lib/docs-page";
 import { ForbiddenError, UnauthorizedError, UnavailableError } from "../lib/errors";
+import { gatewayOpenApi, type Gateway, type OpenApiDocument } from "../lib/openapi";
 import type { AuthLevel, AuthUser, ShopMeta } from "../lib/types";
 
 /** The services whose `health` action decides readiness. */
@@ -47,9 +50,21 @@ export function toClientError(err: unknown): Errors.MoleculerError {
 	if (code >= 500 && code !== 503 && code !== 504) {
 		return new Errors.MoleculerServerError("Internal Server Error", 500, "INTERNAL_ERROR");
 	}
-	const clean = new Errors.MoleculerError(e.message, code, e.type, e.data);
+	const clean = new Errors.MoleculerError(e.message, code, e.type, withoutInternals(e.data));
 	clean.name = e.name;
 	return clean;
+}
+
+/** Validation errors list the failing fields; Moleculer adds the node (hostname-pid) and action, which stay inside. */
+function withoutInternals(data: unknown): unknown {
+	if (!Array.isArray(data)) return data;
+	return data.map((item: unknown) => {
+		if (!item || typeof item !== "object") return item;
+		const rest: Record<string, unknown> = { ...item };
+		delete rest.nodeID;
+		delete rest.action;
+		return rest;
+	});
 }
 
 const ApiService: ServiceSchema<ApiSettingsSchema> = {
@@ -89,6 +104,15 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				callOptions: { retries: 0 },
 			},
 			{
+				// The docs page and the Swagger UI files it loads (before the route below, which would take every /api/docs/* URL).
+				path: "/docs",
+				aliases: { "GET /": docsPage },
+				use: [docsAssets],
+				authentication: false,
+				authorization: false,
+				mappingPolicy: "restrict",
+			},
+			{
 				path: "",
 				// Every action with a `rest` definition gets its route; `authorize` then requires `auth`.
 				autoAliases: true,
@@ -97,6 +121,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				aliases: {
 					"GET /health": "api.health",
 					"GET /health/ready": "api.ready",
+					"GET /openapi.json": "api.openapi",
 				},
 				authentication: true,
 				authorization: true,
@@ -130,6 +155,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 		/** Liveness of the gateway itself. */
 		health: {
 			auth: "public",
+			openapi: { summary: "Liveness of the gateway", responses: { 200: healthSchema() } },
 			handler(): { status: "ok" } {
 				return { status: "ok" };
 			},
@@ -138,14 +164,19 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 		/** Readiness: every business service answers its own `health`, which checks its database. */
 		ready: {
 			auth: "public",
-			async handler(ctx: Context): Promise<{ status: "ok"; services: Record<string, string> }> {
-				const aliases = (this as unknown as { aliases: Array<{ action?: string }> }).aliases;
+			openapi: { summary: "Readiness: users, products and orders each answer with their database", responses: { 200: readinessSchema() } },
+			async handler(
+				ctx: Context<unknown, ShopMeta>,
+			): Promise<{ status: "ok"; services: Record<string, string> } | ReturnType<typeof errorBody>> {
+				const aliases = (this as unknown as { aliases: Array<{ action?: string; _generated?: boolean }> }).aliases;
 				const results = await Promise.all(
 					READINESS_SERVICES.map(async (name) => {
 						try {
 							await ctx.call(`${name}.health`, {}, { timeout: READINESS_TIMEOUT_MS, retries: 0 });
 							// Routes are generated a moment after a service appears; until then its REST API would 404.
-							if (!aliases.some((alias) => alias.action?.startsWith(`${name}.`))) return [name, "no routes yet"] as const;
+							// Only generated routes count: the explicit login/register aliases exist before users does.
+							if (!aliases.some((alias) => alias._generated && alias.action?.startsWith(`${name}.`)))
+								return [name, "no routes yet"] as const;
 							return [name, "ok"] as const;
 						} catch {
 							return [name, "unavailable"] as const;
@@ -154,9 +185,21 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				);
 				const services = Object.fromEntries(results);
 				if (results.some(([, status]) => status !== "ok")) {
-					throw new UnavailableError("Not ready", "NOT_READY", { services });
+					// Answered rather than thrown: "not ready" is an expected state that probes poll for, and
+					// moleculer-web logs every thrown 5xx as an error with its stack.
+					ctx.meta.$statusCode = 503;
+					return errorBody(new UnavailableError("Not ready", "NOT_READY", { services }));
 				}
 				return { status: "ok", services };
+			},
+		},
+
+		/** The OpenAPI document, generated per request from the current routes and the registry: it cannot lag behind them. */
+		openapi: {
+			auth: "public",
+			openapi: { summary: "This API's OpenAPI 3.1 document", responses: { 200: openApiDocumentSchema() } },
+			handler(): OpenApiDocument {
+				return gatewayOpenApi(this as unknown as Gateway);
 			},
 		},
 	},

@@ -1,5 +1,6 @@
 import type { Context, ServiceSchema } from "moleculer";
 import { Schema } from "mongoose";
+import { pageOf, productSchema } from "../lib/api-schemas";
 import type { Collection, MongoDocument } from "../lib/db-adapters";
 import { NotFoundError, UnprocessableError } from "../lib/errors";
 import type { LockDoc } from "../lib/lock";
@@ -126,6 +127,7 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 		list: {
 			auth: "public",
 			rest: "GET /",
+			openapi: { summary: "List products", responses: { 200: pageOf(productSchema()) } },
 			cache: { keys: ["page", "pageSize", "search", "category", "minPrice", "maxPrice", "sort"], ttl: 30 },
 			params: {
 				...STRICT,
@@ -136,7 +138,7 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 				maxPrice: { ...priceParam, convert: true, optional: true },
 				sort: { type: "enum", values: SORTS, optional: true, default: "-createdAt" },
 			},
-			handler(ctx: Context<ListParams>) {
+			async handler(ctx: Context<ListParams>) {
 				const { page, pageSize, search, category, minPrice, maxPrice, sort } = ctx.params;
 				const query: MongoDocument = {};
 				if (category) query.category = category;
@@ -146,13 +148,23 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 						...(maxPrice !== undefined ? { $lte: maxPrice } : {}),
 					};
 				}
-				return this.findPage<Product>(ctx, { page, pageSize, sort: [sort], query, search, searchFields: ["name", "description"] });
+				const found = await this.findPage<Product>(ctx, {
+					page,
+					pageSize,
+					sort: [sort],
+					query,
+					search,
+					searchFields: ["name", "description"],
+				});
+				// moleculer-db leaves an unset sku out; the contract's product always has it (null), as `get` answers it.
+				return { ...found, rows: found.rows.map((p) => ({ ...p, sku: p.sku ?? null })) };
 			},
 		},
 
 		get: {
 			auth: "public",
 			rest: "GET /:id",
+			openapi: { summary: "A product", responses: { 200: productSchema() } },
 			cache: { keys: ["id"], ttl: 30 },
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }>) {
@@ -165,6 +177,7 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 		create: {
 			auth: "admin",
 			rest: "POST /",
+			openapi: { summary: "Create a product", responses: { 201: productSchema() }, errors: { 409: "The sku is taken" } },
 			params: { ...STRICT, ...productFields },
 			async handler(ctx: Context<Omit<Product, "id" | "createdAt" | "updatedAt">, ShopMeta>) {
 				const now = new Date();
@@ -192,6 +205,11 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 		update: {
 			auth: "admin",
 			rest: "PATCH /:id",
+			openapi: {
+				summary: "Change a product (stock is set, not added to)",
+				responses: { 200: productSchema() },
+				errors: { 409: "The sku is taken" },
+			},
 			params: { ...STRICT, id: objectId, ...productPatch },
 			async handler(ctx: Context<{ id: string } & Partial<Omit<Product, "id" | "createdAt" | "updatedAt">>>) {
 				const { id, ...changes } = ctx.params;
@@ -210,6 +228,7 @@ const ProductsService: ServiceSchema<DbSettings, ProductsMethods, object, Produc
 		remove: {
 			auth: "admin",
 			rest: "DELETE /:id",
+			openapi: { summary: "Delete a product", responses: { 204: null } },
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }, ShopMeta>) {
 				const doc = await this.adapter.findById(ctx.params.id);

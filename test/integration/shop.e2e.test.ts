@@ -5,6 +5,7 @@ import { ServiceBroker } from "moleculer";
 import { config } from "../../lib/config";
 import { transporterFrom } from "../../moleculer.config";
 import { seed } from "../../scripts/seed";
+import { OpenApiContract } from "../support/openapi-validator";
 import { Cluster, http, type HttpResult } from "../support/cluster";
 import { describeWithInfra, eventually, infra, uniqueName } from "../support/infra";
 
@@ -22,6 +23,8 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 	let call: <T = Record<string, unknown>>(method: string, path: string, opts?: Parameters<typeof http>[3]) => Promise<HttpResult<T>>;
 	/** Every response body, to prove no password or hash ever leaves the system. */
 	const seenBodies: string[] = [];
+	/** Every response is checked against the OpenAPI document the gateway serves (status and body). */
+	let contract: OpenApiContract;
 	/** Every user event payload, for the same check. */
 	const seenEvents: string[] = [];
 
@@ -60,6 +63,7 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 		call = async (method, path, opts) => {
 			const res = await http(cluster.baseUrl, method, path, opts);
 			seenBodies.push(JSON.stringify(res.body));
+			contract.assertResponse(method, path, res.status, res.body);
 			return res as never;
 		};
 		for (const service of ["api", "users", "products", "products", "orders"]) cluster.start(service);
@@ -79,6 +83,7 @@ describeWithInfra("shop over RabbitMQ and MongoDB, one process per node", () => 
 		});
 		await client.start();
 		await cluster.waitReady();
+		contract = await OpenApiContract.fetch(cluster.baseUrl);
 		await client.waitForServices(["products", "orders", "users"], 30_000);
 		const login = await call<{ token: string }>("POST", "/users/login", { body: ADMIN });
 		expect(login.status).toBe(200);

@@ -52,6 +52,13 @@ describe("all services in one broker on the memory store", () => {
 		expect(statuses.every((s) => s === 401 || s === 429)).toBe(true);
 	});
 
+	it("lists the failing fields of a 422 without the node or action names", async () => {
+		const res = await http<{ code: number; data: Array<Record<string, unknown>> }>(base, "GET", "/products?pageSize=500");
+		expect(res.status).toBe(422);
+		expect(res.body.data[0]).toMatchObject({ field: "pageSize" });
+		expect(res.body.data.every((item) => !("nodeID" in item) && !("action" in item))).toBe(true);
+	});
+
 	it("answers a service error from inside with the contract's shape, never a stack", async () => {
 		const res = await http<Record<string, unknown>>(base, "GET", "/products/0123456789abcdef01234567");
 		expect(res.status).toBe(404);
