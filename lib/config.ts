@@ -35,6 +35,8 @@ export interface Config {
 	bulkhead: { enabled: boolean; concurrency: number; maxQueueSize: number };
 	/** How long a stopping node keeps serving in-flight requests before it disconnects. */
 	shutdownDelayMs: number;
+	/** A node that sent no heartbeat for `timeout` seconds is taken as crashed; its requests fail over. */
+	heartbeat: { intervalSeconds: number; timeoutSeconds: number };
 	port: number;
 	metricsPort: number | null;
 	mongo: {
@@ -59,6 +61,35 @@ export interface Config {
 		/** Test hook (NODE_ENV=test only): the orders process dies right after a reservation, before confirming. */
 		crashAfterReserve: boolean;
 	};
+	events: DomainEventsConfig;
+}
+
+/** Domain events with at-least-once delivery (lib/messaging, mixins/domain-events.mixin.ts, docs/events.md). */
+export interface DomainEventsConfig {
+	/** Unacknowledged domain events a consuming node works on at once. */
+	prefetch: number;
+	/** Deliveries of one event (the first plus retries) before it is parked in the dead-letter queue. */
+	maxAttempts: number;
+	/** Delay before the first retry; each further retry waits twice as long, up to `retryMaxDelayMs`. */
+	retryDelayMs: number;
+	retryMaxDelayMs: number;
+	/** How long a publish waits for RabbitMQ's confirm before it counts as failed (the outbox retries it). */
+	publishTimeoutMs: number;
+	/** How often the outbox relay looks for unpublished events (it is also woken right after each write). */
+	relayIntervalMs: number;
+	/** Backoff cap between attempts to publish an outbox entry while RabbitMQ is away. */
+	relayMaxDelayMs: number;
+	/** Processed event ids are remembered this long; a redelivery later than that would be handled again. */
+	inboxRetentionMs: number;
+	/**
+	 * Test and preview deployments only: RabbitMQ deletes a service's event queues (with their messages)
+	 * once unused this long, so short-lived namespaces leave nothing behind. Never in production.
+	 */
+	queueExpiresMs: number | null;
+	/** Test hook (NODE_ENV=test only): the handler of `event` fails its first `times` deliveries of each event. */
+	failHandler: { event: string; times: number | "always" } | null;
+	/** Test hook (NODE_ENV=test only): the process dies right after a write that carries events, before publishing. */
+	crashBeforePublish: boolean;
 }
 
 export class ConfigError extends Error {
@@ -105,6 +136,15 @@ function bool(env: Env, name: string, fallback: boolean): boolean {
 	if (["1", "true", "yes", "on"].includes(raw)) return true;
 	if (["0", "false", "no", "off"].includes(raw)) return false;
 	throw new ConfigError(`${name} must be true or false, got "${raw}"`);
+}
+
+/** `TEST_EVENT_FAILURES=<event>:<count|always>`, e.g. `user.deleted:2`. */
+function failHandler(env: Env, name: string): DomainEventsConfig["failHandler"] {
+	const raw = str(env, name);
+	if (raw === null) return null;
+	const match = /^([\w.-]+):(\d+|always)$/.exec(raw);
+	if (!match) throw new ConfigError(`${name} must look like <event>:<count|always>, got "${raw}"`);
+	return { event: match[1], times: match[2] === "always" ? "always" : Number(match[2]) };
 }
 
 function oneOf<T extends string>(env: Env, name: string, allowed: readonly T[], fallback: T): T {
@@ -164,6 +204,10 @@ export function loadConfig(env: Env = process.env): Config {
 			maxQueueSize: int(env, "BULKHEAD_MAX_QUEUE", 1_000, 0),
 		},
 		shutdownDelayMs: int(env, "SHUTDOWN_DELAY_MS", 1_000, 0),
+		heartbeat: {
+			intervalSeconds: int(env, "HEARTBEAT_INTERVAL_SECONDS", 3, 1, 60),
+			timeoutSeconds: int(env, "HEARTBEAT_TIMEOUT_SECONDS", 10, 2, 600),
+		},
 		port: int(env, "PORT", 3000, 0, 65535),
 		metricsPort: optionalInt(env, "METRICS_PORT", 1, 65535),
 		mongo: {
@@ -185,6 +229,28 @@ export function loadConfig(env: Env = process.env): Config {
 			sweepIntervalMs: int(env, "ORDER_SWEEP_INTERVAL_MS", 15_000, 100),
 			crashAfterReserve: nodeEnv === "test" && bool(env, "TEST_CRASH_AFTER_RESERVE", false),
 		},
+		events: domainEvents(env, nodeEnv),
+	};
+}
+
+function domainEvents(env: Env, nodeEnv: NodeEnv): DomainEventsConfig {
+	const retryDelayMs = int(env, "EVENTS_RETRY_DELAY_MS", 1_000, 10, 3_600_000);
+	const retryMaxDelayMs = int(env, "EVENTS_RETRY_MAX_DELAY_MS", 60_000, 10, 86_400_000);
+	if (retryMaxDelayMs < retryDelayMs) {
+		throw new ConfigError(`EVENTS_RETRY_MAX_DELAY_MS (${retryMaxDelayMs}) must not be below EVENTS_RETRY_DELAY_MS (${retryDelayMs})`);
+	}
+	return {
+		prefetch: int(env, "EVENTS_PREFETCH", 10, 1, 1_000),
+		maxAttempts: int(env, "EVENTS_MAX_ATTEMPTS", 5, 1, 20),
+		retryDelayMs,
+		retryMaxDelayMs,
+		publishTimeoutMs: int(env, "EVENTS_PUBLISH_TIMEOUT_MS", 5_000, 100, 120_000),
+		relayIntervalMs: int(env, "OUTBOX_RELAY_INTERVAL_MS", 1_000, 50, 600_000),
+		relayMaxDelayMs: int(env, "OUTBOX_RETRY_MAX_DELAY_MS", 30_000, 100, 3_600_000),
+		inboxRetentionMs: int(env, "INBOX_RETENTION_MS", 7 * 24 * 3_600_000, 60_000),
+		queueExpiresMs: optionalInt(env, "EVENTS_QUEUE_EXPIRES_MS", 60_000),
+		failHandler: nodeEnv === "test" ? failHandler(env, "TEST_EVENT_FAILURES") : null,
+		crashBeforePublish: nodeEnv === "test" && bool(env, "TEST_CRASH_BEFORE_PUBLISH", false),
 	};
 }
 

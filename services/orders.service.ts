@@ -1,8 +1,10 @@
 import { createHash } from "node:crypto";
 import type { Context, ServiceSchema } from "moleculer";
 import { Schema, Types } from "mongoose";
+import { orderSchema, pageOf } from "../lib/api-schemas";
 import { config } from "../lib/config";
 import type { MongoDocument } from "../lib/db-adapters";
+import { withOutbox } from "../lib/messaging/outbox";
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError, isDuplicateKeyError } from "../lib/errors";
 import { CurrencyMismatchError, lineTotal, orderTotal } from "../lib/money";
 import { OPEN_STATUSES, ORDER_STATUSES, transition, type HistoryEntry, type OrderStatus } from "../lib/order-state";
@@ -10,6 +12,7 @@ import { STRICT, objectId, pageParams } from "../lib/params";
 import type { ReservationItem, ReservedLine } from "../lib/reservation";
 import type { AuthUser, ShopMeta } from "../lib/types";
 import { DbMixin, type AfterConnected, type DbServiceThis, type DbSettings } from "../mixins/db.mixin";
+import { DomainEventsMixin, type ConsumesDomainEvents, type DomainEventsMethods, type NewDomainEvent } from "../mixins/domain-events.mixin";
 
 export interface OrderLine {
 	productId: string;
@@ -66,6 +69,7 @@ OrderSchema.index({ idempotencyScope: 1 }, { unique: true, sparse: true });
 OrderSchema.index({ userId: 1, createdAt: -1 });
 OrderSchema.index({ status: 1, createdAt: 1 });
 OrderSchema.index({ releaseDue: 1 }, { sparse: true });
+withOutbox(OrderSchema);
 
 const orderItems = {
 	type: "array",
@@ -95,16 +99,18 @@ function requestHash(items: ReservationItem[]): string {
 interface OrdersMethods {
 	toOrder(doc: unknown): Promise<Order>;
 	findOwned(id: string, caller: AuthUser): Promise<OrderDoc>;
-	move(doc: OrderDoc, to: OrderStatus, set?: MongoDocument): Promise<OrderDoc | null>;
+	move(doc: OrderDoc, to: OrderStatus, set?: MongoDocument, events?: NewDomainEvent[]): Promise<OrderDoc | null>;
 	releaseStock(ctx: Context | null, orderId: string): Promise<boolean>;
 	cancel(ctx: Context, doc: OrderDoc): Promise<OrderDoc>;
 	existingForKey(scope: string, hash: string): Promise<OrderDoc | null>;
 	sweep(): Promise<void>;
 }
 
-type OrdersThis = DbServiceThis<OrdersMethods, OrderDoc> & { sweepTimer?: NodeJS.Timeout; sweeping?: Promise<void> };
+type OrdersThis = DbServiceThis<OrdersMethods & DomainEventsMethods, OrderDoc> & { sweepTimer?: NodeJS.Timeout; sweeping?: Promise<void> };
 
-const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis> & AfterConnected<OrdersThis> = {
+const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis> &
+	AfterConnected<OrdersThis> &
+	ConsumesDomainEvents<OrdersThis> = {
 	name: "orders",
 	mixins: [
 		DbMixin({
@@ -112,6 +118,7 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 			schema: OrderSchema,
 			fields: ["id", "userId", "items", "total", "currency", "status", "history", "createdAt", "updatedAt"],
 		}),
+		DomainEventsMixin({ outbox: {} }),
 	],
 
 	settings: {
@@ -122,6 +129,21 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		create: {
 			auth: "user",
 			rest: "POST /",
+			openapi: {
+				summary: "Place an order (prices come from the products service)",
+				// 200: the same Idempotency-Key again answers the order it created.
+				responses: { 200: orderSchema(), 201: orderSchema() },
+				errors: {
+					404: "A product does not exist",
+					409: "Not enough stock (`data.productId`), or the Idempotency-Key was used with another body",
+				},
+				headers: {
+					"Idempotency-Key": {
+						description: "Sent again, answers the first order instead of placing another",
+						schema: { type: "string", maxLength: 200 },
+					},
+				},
+			},
 			params: { ...STRICT, items: orderItems },
 			async handler(ctx: Context<{ items: ReservationItem[] }, ShopMeta>) {
 				const user = ctx.meta.user!;
@@ -200,7 +222,10 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 					throw new UnprocessableError(err.message, [{ field: "items", message: "products in different currencies" }]);
 				}
 
-				const confirmed = await this.move(order, "confirmed", { items: lines, ...totals });
+				const created = { id: orderId, userId: user.id, items: lines, total: totals.total, currency: totals.currency };
+				const confirmed = await this.move(order, "confirmed", { items: lines, ...totals }, [
+					{ type: "order.created", payload: created, id: `order.created:${orderId}` },
+				]);
 				if (!confirmed) {
 					// The sweeper resolved this order as abandoned meanwhile; it also gives the stock back.
 					await this.releaseStock(ctx, orderId);
@@ -208,13 +233,6 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 				}
 				const result = await this.toOrder(confirmed);
 				await this.entityChanged("created", result, ctx);
-				ctx.emit("order.created", {
-					id: result.id,
-					userId: result.userId,
-					items: result.items,
-					total: result.total,
-					currency: result.currency,
-				});
 				ctx.meta.$statusCode = 201;
 				ctx.meta.$location = `/api/orders/${result.id}`;
 				return result;
@@ -224,6 +242,10 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		list: {
 			auth: "user",
 			rest: "GET /",
+			openapi: {
+				summary: "List orders: a customer's own; an admin's all, or one user's (userId)",
+				responses: { 200: pageOf(orderSchema()) },
+			},
 			params: {
 				...STRICT,
 				...pageParams,
@@ -244,6 +266,7 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		get: {
 			auth: "user",
 			rest: "GET /:id",
+			openapi: { summary: "An order (its owner or an admin)", responses: { 200: orderSchema() } },
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }, ShopMeta>) {
 				return this.toOrder(await this.findOwned(ctx.params.id, ctx.meta.user!));
@@ -253,6 +276,11 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		cancel: {
 			auth: "user",
 			rest: "POST /:id/cancel",
+			openapi: {
+				summary: "Cancel an order; its stock is given back",
+				responses: { 200: orderSchema() },
+				errors: { 409: "The order is no longer pending or confirmed" },
+			},
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }, ShopMeta>) {
 				const doc = await this.findOwned(ctx.params.id, ctx.meta.user!);
@@ -263,6 +291,7 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		setStatus: {
 			auth: "admin",
 			rest: "PATCH /:id/status",
+			openapi: { summary: "Ship or deliver an order", responses: { 200: orderSchema() }, errors: { 409: "Not the order's next status" } },
 			params: { ...STRICT, id: objectId, status: { type: "enum", values: ["shipped", "delivered"] } },
 			async handler(ctx: Context<{ id: string; status: "shipped" | "delivered" }, ShopMeta>) {
 				const doc = await this.findOwned(ctx.params.id, ctx.meta.user!);
@@ -276,7 +305,8 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		},
 	},
 
-	events: {
+	/** Durable: delivered at least once, also if this service was down when the user was deleted (docs/events.md). */
+	domainEvents: {
 		/** A deleted user's open orders are cancelled and their stock released; a repeat finds none open. */
 		"user.deleted": {
 			params: { id: objectId },
@@ -299,10 +329,10 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 			return doc;
 		},
 
-		/** One lifecycle transition, applied only if the order is still where we saw it. */
-		move(doc: OrderDoc, to: OrderStatus, set: MongoDocument = {}): Promise<OrderDoc | null> {
+		/** One lifecycle transition, applied only if the order is still where we saw it, with its events in the same write. */
+		move(doc: OrderDoc, to: OrderStatus, set: MongoDocument = {}, events: NewDomainEvent[] = []): Promise<OrderDoc | null> {
 			const { query, update } = transition(doc.status, to, new Date(), set);
-			return this.adapter.findOneAndUpdate({ _id: doc._id, ...query }, update);
+			return this.updateWithEvents<OrderDoc>({ _id: doc._id, ...query }, update, events);
 		},
 
 		/** Gives an order's reservation back; `false` if products could not be reached (the sweeper retries). */
@@ -311,7 +341,7 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 				// Safe to retry: release is idempotent by orderId.
 				const call = ctx ? ctx.call.bind(ctx) : this.broker.call.bind(this.broker);
 				await call("products.release", { orderId });
-				await this.adapter.findOneAndUpdate({ _id: orderId, releaseDue: true }, { $unset: { releaseDue: "" } });
+				await this.updateWithEvents({ _id: orderId, releaseDue: true }, { $unset: { releaseDue: "" } });
 				return true;
 			} catch (err) {
 				this.logger.warn(`Could not release the stock of order ${orderId} yet: ${(err as Error).name}`);
@@ -320,12 +350,13 @@ const OrdersService: ServiceSchema<DbSettings, OrdersMethods, object, OrdersThis
 		},
 
 		async cancel(ctx: Context, doc: OrderDoc): Promise<OrderDoc> {
-			const cancelled = await this.move(doc, "cancelled", { releaseDue: true });
+			const cancelled = await this.move(doc, "cancelled", { releaseDue: true }, [
+				{ type: "order.cancelled", payload: { id: String(doc._id), userId: doc.userId }, id: `order.cancelled:${String(doc._id)}` },
+			]);
 			if (!cancelled) throw new ConflictError("The order changed meanwhile; try again", "CONCURRENT_UPDATE");
 			await this.releaseStock(ctx, String(doc._id));
 			const order = await this.toOrder(cancelled);
 			await this.entityChanged("updated", order, ctx);
-			ctx.emit("order.cancelled", { id: order.id, userId: order.userId });
 			return cancelled;
 		},
 

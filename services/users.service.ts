@@ -1,12 +1,15 @@
 import type { Context, ServiceSchema } from "moleculer";
 import { Schema } from "mongoose";
+import { authResultSchema, pageOf, userSchema } from "../lib/api-schemas";
 import { config } from "../lib/config";
 import { hashPassword, signToken, verifyPassword, verifyToken } from "../lib/auth";
 import type { MongoDocument } from "../lib/db-adapters";
+import { withOutbox } from "../lib/messaging/outbox";
 import { NotFoundError, UnauthorizedError, UnprocessableError, isDuplicateKeyError } from "../lib/errors";
 import { STRICT, objectId, pageParams, searchParam } from "../lib/params";
 import type { AuthUser, Role, ShopMeta } from "../lib/types";
 import { DbMixin, type AfterConnected, type DbServiceThis, type DbSettings } from "../mixins/db.mixin";
+import { DomainEventsMixin, type DomainEventsMethods } from "../mixins/domain-events.mixin";
 
 /** What a client sees of a user. The hash and the token version never leave this service. */
 export interface User {
@@ -25,6 +28,8 @@ interface UserDoc extends MongoDocument {
 	role: Role;
 	passwordHash: string;
 	tokenVersion: number;
+	/** Deleted, its user.deleted event not yet published: gone for every action, removed by the outbox relay. */
+	deletedAt?: Date;
 }
 
 const UserSchema = new Schema(
@@ -36,9 +41,11 @@ const UserSchema = new Schema(
 		tokenVersion: { type: Number, required: true },
 		createdAt: { type: Date, required: true },
 		updatedAt: { type: Date, required: true },
+		deletedAt: { type: Date },
 	},
 	{ versionKey: false },
 );
+withOutbox(UserSchema);
 
 const email = { type: "email", normalize: true, max: 254 } as const;
 const password = { type: "string", min: 8, max: 128 } as const;
@@ -56,11 +63,15 @@ interface UsersMethods {
 	seedAdmin(): Promise<void>;
 }
 
-type UsersThis = DbServiceThis<UsersMethods, UserDoc>;
+type UsersThis = DbServiceThis<UsersMethods & DomainEventsMethods, UserDoc>;
 
 const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> & AfterConnected<UsersThis> = {
 	name: "users",
-	mixins: [DbMixin({ collection: "users", schema: UserSchema, fields: ["id", "email", "name", "role", "createdAt", "updatedAt"] })],
+	mixins: [
+		DbMixin({ collection: "users", schema: UserSchema, fields: ["id", "email", "name", "role", "createdAt", "updatedAt"] }),
+		// A deleted user stays as a tombstone until its user.deleted event is published (see `remove`).
+		DomainEventsMixin({ outbox: { purgeDrained: { deletedAt: { $exists: true } } } }),
+	],
 
 	settings: {
 		rest: "/users",
@@ -70,6 +81,11 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		register: {
 			auth: "public",
 			rest: "POST /register",
+			openapi: {
+				summary: "Register a customer",
+				responses: { 201: authResultSchema() },
+				errors: { 409: "The email is already registered" },
+			},
 			params: { ...STRICT, email, password, name },
 			async handler(ctx: Context<{ email: string; password: string; name: string }, ShopMeta>) {
 				const now = new Date();
@@ -95,6 +111,11 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		login: {
 			auth: "public",
 			rest: "POST /login",
+			openapi: {
+				summary: "Log in",
+				responses: { 200: authResultSchema() },
+				errors: { 401: "Invalid email or password (one answer for both)" },
+			},
 			params: { ...STRICT, email: { type: "string", trim: true, max: 254 }, password: { type: "string", max: 128 } },
 			async handler(ctx: Context<{ email: string; password: string }>) {
 				const doc = await this.adapter.findOne({ email: ctx.params.email.toLowerCase() });
@@ -107,6 +128,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		me: {
 			auth: "user",
 			rest: "GET /me",
+			openapi: { summary: "The caller", responses: { 200: userSchema() } },
 			async handler(ctx: Context<unknown, ShopMeta>) {
 				return this.toUser(await this.findUser(ctx.meta.user!.id));
 			},
@@ -115,6 +137,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		updateMe: {
 			auth: "user",
 			rest: "PATCH /me",
+			openapi: { summary: "Change my name or password (a new password revokes older tokens)", responses: { 200: userSchema() } },
 			params: { ...STRICT, name: { ...name, optional: true }, password: { ...password, optional: true } },
 			async handler(ctx: Context<{ name?: string; password?: string }, ShopMeta>) {
 				const { name: newName, password: newPassword } = ctx.params;
@@ -128,7 +151,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 				}
 				// A new password revokes every token issued before it.
 				const update = newPassword !== undefined ? { $set: set, $inc: { tokenVersion: 1 } } : { $set: set };
-				const doc = await this.adapter.findOneAndUpdate({ _id: ctx.meta.user!.id }, update);
+				const doc = await this.updateWithEvents<UserDoc>({ _id: ctx.meta.user!.id, deletedAt: { $exists: false } }, update);
 				if (!doc) throw new NotFoundError("User");
 				const user = await this.toUser(doc);
 				await this.entityChanged("updated", user, ctx);
@@ -139,12 +162,14 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		list: {
 			auth: "admin",
 			rest: "GET /",
+			openapi: { summary: "List users", responses: { 200: pageOf(userSchema()) } },
 			params: { ...STRICT, ...pageParams, search: searchParam },
 			handler(ctx: Context<{ page: number; pageSize: number; search?: string }>) {
 				return this.findPage<User>(ctx, {
 					page: ctx.params.page,
 					pageSize: ctx.params.pageSize,
 					sort: ["-createdAt"],
+					query: { deletedAt: { $exists: false } },
 					search: ctx.params.search,
 					searchFields: ["email", "name"],
 				});
@@ -154,6 +179,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		get: {
 			auth: "user",
 			rest: "GET /:id",
+			openapi: { summary: "A user (an admin, or the user)", responses: { 200: userSchema() } },
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }, ShopMeta>) {
 				assertSelfOrAdmin(ctx.meta.user!, ctx.params.id);
@@ -164,13 +190,21 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 		remove: {
 			auth: "user",
 			rest: "DELETE /:id",
+			openapi: { summary: "Delete a user (an admin, or the user); their open orders are cancelled", responses: { 204: null } },
 			params: { ...STRICT, id: objectId },
 			async handler(ctx: Context<{ id: string }, ShopMeta>) {
 				assertSelfOrAdmin(ctx.meta.user!, ctx.params.id);
 				const user = await this.toUser(await this.findUser(ctx.params.id));
-				await this.adapter.removeById(ctx.params.id);
+				// The user.deleted event goes into the same write as the deletion (the outbox), so it is
+				// published even if this node dies now. The document stays as a tombstone, gone for every
+				// action and with its email freed, until the relay has published the event and removes it.
+				const deleted = await this.updateWithEvents<UserDoc>(
+					{ _id: ctx.params.id, deletedAt: { $exists: false } },
+					{ $set: { deletedAt: new Date(), email: `deleted-${ctx.params.id}` } },
+					[{ type: "user.deleted", payload: { id: user.id }, id: `user.deleted:${user.id}` }],
+				);
+				if (!deleted) throw new NotFoundError("User");
 				await this.entityChanged("removed", user, ctx);
-				ctx.emit("user.deleted", { id: user.id });
 				ctx.meta.$statusCode = 204;
 				return null;
 			},
@@ -184,7 +218,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 				const claims = verifyToken(ctx.params.token, config.auth.jwtSecret);
 				const doc = await this.adapter.findById(claims.sub);
 				// A deleted user, or a token from before a password change, is no longer valid.
-				if (!doc || doc.tokenVersion !== claims.ver) throw new UnauthorizedError();
+				if (!doc || doc.deletedAt || doc.tokenVersion !== claims.ver) throw new UnauthorizedError();
 				return { id: String(doc._id), email: doc.email, role: doc.role };
 			},
 		},
@@ -197,7 +231,7 @@ const UsersService: ServiceSchema<DbSettings, UsersMethods, object, UsersThis> &
 
 		async findUser(id: string): Promise<UserDoc> {
 			const doc = await this.adapter.findById(id);
-			if (!doc) throw new NotFoundError("User");
+			if (!doc || doc.deletedAt) throw new NotFoundError("User");
 			return doc;
 		},
 
