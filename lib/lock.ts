@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { Schema } from "mongoose";
 import type { Collection, MongoDocument } from "./db-adapters";
 import { UnavailableError, isDuplicateKeyError } from "./errors";
 
@@ -17,6 +18,9 @@ export interface LockDoc extends MongoDocument {
 	owner: string;
 	expiresAt: Date;
 }
+
+/** The collection of a service's locks (one document per held key). */
+export const LockSchema = new Schema({ _id: { type: String, required: true }, owner: String, expiresAt: Date }, { versionKey: false });
 
 export interface LockOptions {
 	/** A lock older than this is from a crashed holder and may be taken over. */

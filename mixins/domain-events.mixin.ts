@@ -3,7 +3,7 @@ import { config } from "../lib/config";
 import type { JsonSchema } from "../lib/openapi";
 import type { MongoDocument } from "../lib/db-adapters";
 import { UnavailableError } from "../lib/errors";
-import type { LockDoc } from "../lib/lock";
+import { LockSchema, type LockDoc } from "../lib/lock";
 import { AmqpEventBus, type Log } from "../lib/messaging/amqp-bus";
 import {
 	PermanentEventError,
@@ -18,7 +18,7 @@ import {
 } from "../lib/messaging/events";
 import { Inbox, InboxSchema, type InboxDoc } from "../lib/messaging/inbox";
 import { LocalEventBus } from "../lib/messaging/local-bus";
-import { Outbox, OutboxLockSchema } from "../lib/messaging/outbox";
+import { Outbox } from "../lib/messaging/outbox";
 import { transporterFrom } from "../moleculer.config";
 import type { DbMethods } from "./db.mixin";
 
@@ -418,7 +418,7 @@ async function prepareDomainEvents(svc: MixinThis, opts: DomainEventsOptions): P
 	const { events } = config;
 
 	if (opts.outbox) {
-		const locks = await svc.adapter.collection<LockDoc>("outbox_locks", OutboxLockSchema);
+		const locks = await svc.adapter.collection<LockDoc>("outbox_locks", LockSchema);
 		runtime.outbox = new Outbox(svc.adapter, locks, {
 			name: svc.name,
 			publish: (event) => runtime.bus.publish(event),

@@ -3,7 +3,7 @@ import { Schema } from "mongoose";
 import { pageOf, productSchema } from "../lib/api-schemas";
 import type { Collection, MongoDocument } from "../lib/db-adapters";
 import { NotFoundError, UnprocessableError } from "../lib/errors";
-import type { LockDoc } from "../lib/lock";
+import { LockSchema, type LockDoc } from "../lib/lock";
 import { DEFAULT_CURRENCY, currencyParam, priceParam } from "../lib/money";
 import { STRICT, objectId, pageParams, searchParam } from "../lib/params";
 import { release, reserve, type ProductStock, type ReservationDoc, type ReservationItem, type ReservationStores } from "../lib/reservation";
@@ -62,8 +62,6 @@ const ReservationSchema = new Schema(
 	},
 	{ versionKey: false },
 );
-
-const LockSchema = new Schema({ _id: { type: String, required: true }, owner: String, expiresAt: Date }, { versionKey: false });
 
 const SORTS = ["price", "-price", "name", "-name", "createdAt", "-createdAt", "stock", "-stock"] as const;
 

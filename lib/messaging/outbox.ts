@@ -51,11 +51,6 @@ export function withOutbox(schema: Schema): Schema {
 	return schema;
 }
 
-export const OutboxLockSchema = new Schema(
-	{ _id: { type: String, required: true }, owner: String, expiresAt: Date },
-	{ versionKey: false },
-);
-
 export interface OutboxOptions {
 	/** The collection's name: part of the lock keys. */
 	name: string;

@@ -3,11 +3,11 @@ import { promisify } from "node:util";
 import amqp, { type ChannelModel } from "amqplib";
 import mongoose from "mongoose";
 import { MongoStore, memoryCollection, type Collection } from "../../lib/db-adapters";
-import type { LockDoc } from "../../lib/lock";
+import { LockSchema, type LockDoc } from "../../lib/lock";
 import { AmqpEventBus } from "../../lib/messaging/amqp-bus";
 import { domainEvent, topology, type DomainEvent } from "../../lib/messaging/events";
 import { Inbox, InboxSchema, type InboxDoc } from "../../lib/messaging/inbox";
-import { Outbox, OutboxLockSchema, withOutbox, type OutboxFields } from "../../lib/messaging/outbox";
+import { Outbox, withOutbox, type OutboxFields } from "../../lib/messaging/outbox";
 import { Cluster, http, type HttpResult, type NodeProcess } from "../support/cluster";
 import { freePort } from "../support/ferretdb";
 import { describeWithInfra, eventually, infra, uniqueName } from "../support/infra";
@@ -413,7 +413,7 @@ describeWithInfra("the outbox on the MongoDB-wire server", () => {
 		Object.assign(store, { service: { schema: { schema, modelName: "things" }, logger: quiet } });
 		await store.connect();
 		things = await store.collection<Thing>("things", schema);
-		locks = await store.collection<LockDoc>("outbox_locks", OutboxLockSchema);
+		locks = await store.collection<LockDoc>("outbox_locks", LockSchema);
 	});
 	afterAll(async () => {
 		await store.db?.dropDatabase();

@@ -2,7 +2,7 @@ import { ServiceBroker } from "moleculer";
 import { Schema } from "mongoose";
 import { loadConfig } from "../../lib/config";
 import { memoryCollection, type Collection } from "../../lib/db-adapters";
-import type { LockDoc } from "../../lib/lock";
+import { LockSchema, type LockDoc } from "../../lib/lock";
 import {
 	EventBusyError,
 	PermanentEventError,
@@ -17,7 +17,7 @@ import {
 } from "../../lib/messaging/events";
 import { Inbox, InboxSchema, type InboxDoc } from "../../lib/messaging/inbox";
 import { LocalEventBus } from "../../lib/messaging/local-bus";
-import { Outbox, OutboxLockSchema, withOutbox, type OutboxFields } from "../../lib/messaging/outbox";
+import { Outbox, withOutbox, type OutboxFields } from "../../lib/messaging/outbox";
 import { METRICS } from "../../mixins/domain-events.mixin";
 import OrdersService from "../../services/orders.service";
 import ProductsService from "../../services/products.service";
@@ -104,7 +104,7 @@ type Doc = { _id: string; status: string; deletedAt?: Date } & OutboxFields & Re
 
 async function outboxFixture(publish: (event: DomainEvent) => Promise<void>, purgeDrained?: Record<string, unknown>) {
 	const docs = await memoryCollection<Doc>(withOutbox(new Schema({ _id: String, status: String, deletedAt: Date }, { versionKey: false })));
-	const locks = await memoryCollection<LockDoc>(OutboxLockSchema);
+	const locks = await memoryCollection<LockDoc>(LockSchema);
 	const outbox = new Outbox(docs, locks, {
 		name: "things",
 		publish,
