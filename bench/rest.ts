@@ -20,7 +20,7 @@
  *   npm run bench -- --smoke (seconds, from the TypeScript sources; the test suite runs it)
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import autocannon from "autocannon";
@@ -57,6 +57,7 @@ interface Node {
 interface Topology {
 	name: TopologyName;
 	port: number;
+	mongoPort: string;
 	nodes: Node[];
 	productIds: string[];
 	categories: string[];
@@ -109,8 +110,14 @@ function startNode(name: string, args: string[], env: NodeJS.ProcessEnv): Node {
 	const node: Node = { name, child, output: "" };
 	child.stdout?.on("data", (d: Buffer) => (node.output += d.toString()));
 	child.stderr?.on("data", (d: Buffer) => (node.output += d.toString()));
+	child.once("exit", (code, signal) => {
+		if (!stopping) process.stderr.write(`node ${name} exited (${code ?? signal}) during the benchmark:\n${node.output}\n`);
+	});
 	return node;
 }
+
+/** Set once the benchmark stops its nodes, so their exits are expected. */
+let stopping = false;
 
 async function waitReady(port: number, nodes: Node[], timeoutMs = 60_000): Promise<void> {
 	const deadline = Date.now() + timeoutMs;
@@ -180,7 +187,16 @@ async function startTopology(name: TopologyName, port: number, opts: RestBenchOp
 		});
 		tokens.push(reg.token);
 	}
-	return { name, port, nodes, productIds, categories: [...categories], orderProductIds, tokens };
+	return {
+		name,
+		port,
+		mongoPort: new URL(opts.mongoUri).port || "27017",
+		nodes,
+		productIds,
+		categories: [...categories],
+		orderProductIds,
+		tokens,
+	};
 }
 
 const pick = <T>(items: T[]): T => items[Math.floor(Math.random() * items.length)];
@@ -210,7 +226,8 @@ function requestFor(t: Topology, scenario: ScenarioName): autocannon.Request {
 }
 
 /** utime+stime ticks and peak RSS of a process, from /proc. */
-function procStats(pid: number): { ticks: number; peakRssKiB: number } {
+function procStats(pid: number, name: string): { ticks: number; peakRssKiB: number } {
+	if (!existsSync(`/proc/${pid}/stat`)) throw new Error(`${name} (pid ${pid}) is gone`);
 	const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
 	const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
 	const status = readFileSync(`/proc/${pid}/status`, "utf8");
@@ -219,15 +236,15 @@ function procStats(pid: number): { ticks: number; peakRssKiB: number } {
 
 const CLOCK_TICKS = 100;
 
-/** The shared servers, whose CPU is part of each topology's cost: RabbitMQ (beam.smp) and FerretDB. */
-function serverPids(): Record<string, number> {
+/** The shared servers, whose CPU is part of each topology's cost: RabbitMQ (beam.smp) and the FerretDB on the benchmark's port. */
+function serverPids(mongoPort: string): Record<string, number> {
 	const found: Record<string, number> = {};
 	for (const entry of readdirSync("/proc")) {
 		if (!/^\d+$/.test(entry)) continue;
 		try {
 			const comm = readFileSync(`/proc/${entry}/comm`, "utf8").trim();
 			if (comm === "beam.smp") found.rabbitmq = Number(entry);
-			if (comm === "ferretdb" && found.ferretdb === undefined) found.ferretdb = Number(entry);
+			if (comm === "ferretdb" && readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(`:${mongoPort}`)) found.ferretdb = Number(entry);
 		} catch {
 			// the process ended meanwhile
 		}
@@ -238,9 +255,9 @@ function serverPids(): Record<string, number> {
 async function measure(t: Topology, scenario: ScenarioName, connections: number, durationSec: number): Promise<Measurement> {
 	const watched = [
 		...t.nodes.map((n) => ({ name: n.name, pid: n.child.pid! })),
-		...Object.entries(serverPids()).map(([name, pid]) => ({ name, pid })),
+		...Object.entries(serverPids(t.mongoPort)).map(([name, pid]) => ({ name, pid })),
 	];
-	const before = watched.map((w) => procStats(w.pid));
+	const before = watched.map((w) => procStats(w.pid, w.name));
 	const started = Date.now();
 	const result = await autocannon({
 		url: `http://127.0.0.1:${t.port}`,
@@ -250,7 +267,7 @@ async function measure(t: Topology, scenario: ScenarioName, connections: number,
 		requests: [requestFor(t, scenario)],
 	});
 	const elapsedSec = (Date.now() - started) / 1000;
-	const after = watched.map((w) => procStats(w.pid));
+	const after = watched.map((w) => procStats(w.pid, w.name));
 	return {
 		topology: t.name,
 		scenario,
@@ -261,10 +278,25 @@ async function measure(t: Topology, scenario: ScenarioName, connections: number,
 		p99Ms: result.latency.p99,
 		errors: result.errors + result.timeouts + result.non2xx,
 		cpu: Object.fromEntries(
-			t.nodes.map((n, i) => [n.name, Math.round(((after[i].ticks - before[i].ticks) / CLOCK_TICKS / elapsedSec) * 100)]),
+			watched.map((w, i) => [w.name, Math.round(((after[i].ticks - before[i].ticks) / CLOCK_TICKS / elapsedSec) * 100)]),
 		),
 		peakRssMiB: Object.fromEntries(t.nodes.map((n, i) => [n.name, Math.round(after[i].peakRssKiB / 1024)])),
 	};
+}
+
+/**
+ * Orders queue up behind the database: when autocannon stops, the services still work through what
+ * was sent. Wait until an uncached read through the whole path is fast again, so the backlog does not
+ * land in the next measurement.
+ */
+async function drain(t: Topology, deadlineMs = 60_000): Promise<void> {
+	const deadline = Date.now() + deadlineMs;
+	while (Date.now() < deadline) {
+		const started = Date.now();
+		await fetch(`http://127.0.0.1:${t.port}/api/products?pageSize=1&search=drain${started}`);
+		if (Date.now() - started < 100) return;
+		await new Promise((resolve) => setTimeout(resolve, 500));
+	}
 }
 
 async function stopTopology(t: Topology): Promise<void> {
@@ -296,7 +328,8 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 	const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
 	const names = opts.topologies ?? (opts.smoke ? ["in-process", "amqp-tuned"] : ["in-process", "amqp-default", "amqp-tuned", "tcp"]);
 	const rounds = opts.rounds ?? (opts.smoke ? 1 : 3);
-	const durationSec = opts.durationSec ?? (opts.smoke ? 1 : 5);
+	// Long enough in smoke mode for 50 concurrent orders on a slow database to complete.
+	const durationSec = opts.durationSec ?? (opts.smoke ? 3 : 5);
 	const scenarios: ScenarioName[] = ["get-product", "list", "order"];
 	const connectionCounts = [1, 50];
 
@@ -312,9 +345,9 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 		for (let round = 1; round <= rounds; round++) {
 			for (const scenario of scenarios) {
 				for (const connections of connectionCounts) {
-					// amqp-default serialises every call: one connection is enough to show it, 50 only queue up.
 					for (const t of topologies) {
 						const m = await measure(t, scenario, connections, durationSec);
+						await drain(t);
 						log(
 							`round ${round} ${t.name} ${scenario} c=${connections}: ${Math.round(m.requestsPerSec)} req/s p99 ${m.p99Ms} ms errors ${m.errors}`,
 						);
@@ -342,6 +375,7 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 		}
 		return { machine: machineLine(), rounds, durationSec, rows };
 	} finally {
+		stopping = true;
 		await Promise.all(topologies.map(stopTopology));
 	}
 }
