@@ -236,14 +236,30 @@ function procStats(pid: number, name: string): { ticks: number; peakRssKiB: numb
 
 const CLOCK_TICKS = 100;
 
-/** The shared servers, whose CPU is part of each topology's cost: RabbitMQ (beam.smp) and the FerretDB on the benchmark's port. */
+/** Resident memory (KiB) of a process, 0 if it is gone. */
+function rssKiB(pid: string): number {
+	try {
+		return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0);
+	} catch {
+		return 0;
+	}
+}
+
+/**
+ * The shared servers, whose CPU is part of each topology's cost: the RabbitMQ server (the largest
+ * beam.smp: rabbitmqctl runs a short-lived one too) and the FerretDB on the benchmark's port.
+ */
 function serverPids(mongoPort: string): Record<string, number> {
 	const found: Record<string, number> = {};
+	let rabbitRss = 0;
 	for (const entry of readdirSync("/proc")) {
 		if (!/^\d+$/.test(entry)) continue;
 		try {
 			const comm = readFileSync(`/proc/${entry}/comm`, "utf8").trim();
-			if (comm === "beam.smp") found.rabbitmq = Number(entry);
+			if (comm === "beam.smp" && rssKiB(entry) > rabbitRss) {
+				rabbitRss = rssKiB(entry);
+				found.rabbitmq = Number(entry);
+			}
 			if (comm === "ferretdb" && readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(`:${mongoPort}`)) found.ferretdb = Number(entry);
 		} catch {
 			// the process ended meanwhile
