@@ -20,4 +20,4 @@ chmod -R u+w src
 echo "$version" >src/build/version/version.txt
 (cd src && CGO_ENABLED=0 go build -trimpath -o "$out.tmp" ./cmd/ferretdb)
 mv "$out.tmp" "$out"
-"$out" --version | head -1
+"$out" --version | sed -n 1p # reads all of it: head would close the pipe early (SIGPIPE, exit 141 under pipefail)
