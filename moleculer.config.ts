@@ -1,12 +1,5 @@
-import {
-	Errors,
-	type ServiceBroker,
-	type BrokerOptions,
-	type Context,
-	type Middleware,
-	type Service,
-	type TransporterConfig,
-} from "moleculer";
+import { Errors, type ServiceBroker, type BrokerOptions, type Context, type Middleware, type Service } from "moleculer";
+import { ShopAmqpTransporter } from "./lib/amqp-transporter";
 import { config, type Config } from "./lib/config";
 
 /**
@@ -22,31 +15,34 @@ export function withHeartbeat(url: string, seconds: number): string {
 	return `${url}${url.includes("?") ? "&" : "?"}heartbeat=${seconds}`;
 }
 
-/** Moleculer's AMQP transporter with the options that make it usable (measured in bench/broker.ts). */
-export function amqpTransporter(urls: string[], amqp: Config["amqp"]): TransporterConfig {
-	const withHb = urls.map((url) => withHeartbeat(url, amqp.heartbeatSeconds));
-	return {
-		type: "AMQP",
-		options: {
-			url: withHb.length === 1 ? withHb[0] : withHb,
-			prefetch: amqp.prefetch,
-			// Reaches amqplib's connect; missing from Moleculer's option type, hence the cast below.
-			socketOptions: { noDelay: amqp.noDelay },
-			autoDeleteQueues: amqp.autoDeleteQueuesMs,
-			eventTimeToLive: amqp.eventTimeToLiveMs,
-			heartbeatTimeToLive: amqp.heartbeatTimeToLiveMs,
-		},
-	} as TransporterConfig;
+/**
+ * The RabbitMQ URLs (with heartbeat) when the transporter is AMQP, else null. `amqp://a,amqp://b` (or
+ * `;`-separated) lists the nodes of a RabbitMQ cluster; they are tried in turn.
+ */
+export function amqpUrls(cfg: Pick<Config, "transporter" | "amqp">): string[] | null {
+	const urls = (cfg.transporter ?? "").split(/[,;\s]+/).filter(Boolean);
+	if (urls.length === 0 || !urls.every((url) => /^amqps?:\/\//i.test(url))) return null;
+	return urls.map((url) => withHeartbeat(url, cfg.amqp.heartbeatSeconds));
 }
 
-/**
- * `amqp://a,amqp://b` (or `;`-separated) lists the nodes of a RabbitMQ cluster; the transporter
- * tries them in turn. Any other scheme is left to Moleculer's own parser (nats://, tcp://, TCP …).
- */
+/** The AMQP transporter with the options that make it usable (measured in bench/broker.ts) and its fixes. */
+export function amqpTransporter(urls: string[], amqp: Config["amqp"]): ShopAmqpTransporter {
+	return new ShopAmqpTransporter({
+		url: urls,
+		prefetch: amqp.prefetch,
+		// Reaches amqplib's connect; missing from Moleculer's option type.
+		socketOptions: { noDelay: amqp.noDelay },
+		autoDeleteQueues: amqp.autoDeleteQueuesMs,
+		eventTimeToLive: amqp.eventTimeToLiveMs ?? undefined,
+		heartbeatTimeToLive: amqp.heartbeatTimeToLiveMs ?? undefined,
+	} as ConstructorParameters<typeof ShopAmqpTransporter>[0]);
+}
+
+/** RabbitMQ through {@link amqpTransporter}; any other scheme is left to Moleculer's own parser (nats://, tcp://, TCP …). */
 export function transporterFrom(cfg: Pick<Config, "transporter" | "amqp">): BrokerOptions["transporter"] {
 	if (!cfg.transporter) return null;
-	const urls = cfg.transporter.split(/[,;\s]+/).filter(Boolean);
-	if (urls.every((url) => /^amqps?:\/\//i.test(url))) return amqpTransporter(urls, cfg.amqp);
+	const urls = amqpUrls(cfg);
+	if (urls) return amqpTransporter(urls, cfg.amqp);
 	return cfg.transporter as BrokerOptions["transporter"];
 }
 

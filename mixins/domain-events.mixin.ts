@@ -1,4 +1,4 @@
-import type { Context, EventEndpoint, Service, ServiceSchema, TransporterConfig } from "moleculer";
+import type { Context, EventEndpoint, Service, ServiceSchema } from "moleculer";
 import { config } from "../lib/config";
 import type { JsonSchema } from "../lib/openapi";
 import type { MongoDocument } from "../lib/db-adapters";
@@ -19,7 +19,7 @@ import {
 import { Inbox, InboxSchema, type InboxDoc } from "../lib/messaging/inbox";
 import { LocalEventBus } from "../lib/messaging/local-bus";
 import { Outbox } from "../lib/messaging/outbox";
-import { transporterFrom } from "../moleculer.config";
+import { amqpUrls } from "../moleculer.config";
 import type { DbMethods } from "./db.mixin";
 
 /**
@@ -106,14 +106,6 @@ interface Runtime {
 
 type MixinThis = Service & DbMethods & DomainEventsMethods & { domainEventsRuntime: Runtime };
 type Handlers = Record<string, DomainEventHandler<MixinThis>>;
-
-/** The AMQP URLs (with heartbeat) when the transporter is RabbitMQ; domain events then use it too. */
-function amqpUrls(): string[] | null {
-	const transporter = transporterFrom(config) as TransporterConfig | string | null;
-	if (!transporter || typeof transporter !== "object" || transporter.type !== "AMQP") return null;
-	const url = (transporter.options as { url: string | string[] }).url;
-	return Array.isArray(url) ? url : [url];
-}
 
 const policy: RetryPolicy = {
 	maxAttempts: config.events.maxAttempts,
@@ -229,7 +221,7 @@ function toArray<T>(value: T | T[] | undefined): T[] {
 }
 
 export function DomainEventsMixin(opts: DomainEventsOptions = {}): Partial<ServiceSchema> {
-	const urls = amqpUrls();
+	const urls = amqpUrls(config);
 
 	const schema: Partial<ServiceSchema<object, object, object, MixinThis>> & { merged(schema: Record<string, unknown>): void } = {
 		/**

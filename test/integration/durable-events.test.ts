@@ -363,8 +363,7 @@ describeWithInfra("durable domain events over RabbitMQ", () => {
 		await eventually(async () => ((await queue(ordersQueue.queue)).messages === 1 ? true : undefined));
 
 		// A real restart, not just closed connections: the durable queues and persistent messages must survive
-		// it. No REST request is in flight: Moleculer's own AMQP transporter does not recover from a restart
-		// that interrupts one (it acks on the new channel with the old delivery tag; see docs/events.md).
+		// it. (A Moleculer call in flight across a restart is test/integration/amqp-transporter.test.ts's case.)
 		await rabbitmqctl("stop_app");
 		// The ledger now finishes what it had: its effects are recorded, but the acks are lost with the connection.
 		openLedger();

@@ -1,3 +1,4 @@
+import { ShopAmqpTransporter } from "../../lib/amqp-transporter";
 import { ConfigError, loadConfig } from "../../lib/config";
 import { brokerOptions, transporterFrom } from "../../moleculer.config";
 
@@ -11,9 +12,12 @@ describe("configuration", () => {
 
 	it("tunes the AMQP transporter and accepts a RabbitMQ cluster", () => {
 		const cfg = loadConfig({ TRANSPORTER: "amqp://a:5672, amqp://b:5672", AMQP_PREFETCH: "64" });
-		expect(transporterFrom(cfg)).toMatchObject({
-			type: "AMQP",
-			options: { url: ["amqp://a:5672?heartbeat=10", "amqp://b:5672?heartbeat=10"], prefetch: 64, socketOptions: { noDelay: true } },
+		const transporter = transporterFrom(cfg);
+		expect(transporter).toBeInstanceOf(ShopAmqpTransporter);
+		expect((transporter as ShopAmqpTransporter).opts).toMatchObject({
+			url: ["amqp://a:5672?heartbeat=10", "amqp://b:5672?heartbeat=10"],
+			prefetch: 64,
+			socketOptions: { noDelay: true },
 		});
 	});
 

@@ -1,0 +1,140 @@
+import type { Channel, ChannelModel, ConsumeMessage, Message } from "amqplib";
+import { Transporters } from "moleculer";
+
+/** Packet types as they appear in topic names (`<prefix>.<type>.<nodeID>`); see moleculer/src/packets.js. */
+const REQUEST = "REQ";
+const RESPONSE = "RES";
+
+type Settle = "ack" | "nack";
+
+/** How often a node checks that the nodes its waiting calls went to are still connected. */
+const WAITING_CALLS_CHECK_MS = 1_000;
+
+/**
+ * Moleculer's AMQP transporter with three fixes that make a node survive what happens to it in production:
+ *
+ * 1. **A node that crashed is noticed at once, not after the heartbeat timeout.** Each node's request
+ *    and response queues are exclusive to its connection, so RabbitMQ deletes them the moment the
+ *    connection drops (a SIGKILL included). Packets addressed to one node are published `mandatory`:
+ *    RabbitMQ returns one it cannot route, and the sender then takes that node as gone, which rejects
+ *    the calls still waiting on it with a retryable error (Moleculer's RequestRejectedError). Upstream
+ *    keeps those queues for `autoDeleteQueues` (2 minutes by default) and the calls wait for the heartbeat
+ *    timeout or their own.
+ * 2. **Acknowledge a request on the channel that delivered it.** Upstream acks on `this.channel`, which
+ *    after a reconnect is a new channel: a request that was in flight across a RabbitMQ restart is then
+ *    acked with another channel's delivery tag, RabbitMQ closes the channel (PRECONDITION_FAILED) and
+ *    the node stops answering for good. A delivery whose channel has closed is already requeued or gone.
+ * 3. **A channel closed under a live connection reconnects.** Upstream only reconnects when the whole
+ *    connection closes; a channel error left the node connected to RabbitMQ with no channel.
+ */
+export class ShopAmqpTransporter extends Transporters.AMQP {
+	declare connection: ChannelModel | null;
+	declare channel: Channel | null;
+
+	private waitingCallsCheck?: NodeJS.Timeout;
+	/** Ids of the calls that were waiting at the previous check. */
+	private waitingAtLastCheck = new Set<string>();
+
+	/** `errorCallback` is how the base class asks Transit to reconnect; its AMQP .d.ts leaves it out. */
+	override connect(errorCallback?: Parameters<Transporters.Base["connect"]>[0]): Promise<void> {
+		const connect = super.connect as unknown as (cb: typeof errorCallback) => Promise<void>;
+		return connect.call(this, errorCallback).then(() => {
+			this.waitingCallsCheck ??= setInterval(() => this.pingNodesOfWaitingCalls(), WAITING_CALLS_CHECK_MS).unref();
+			const { connection, channel } = this;
+			if (!connection || !channel) return;
+			// Replaces the base class's listener, which logs every returned message with its content.
+			channel.removeAllListeners("return");
+			channel.on("return", (msg: Message) => this.onReturned(msg.fields.routingKey));
+			let connectionClosed = false;
+			connection.once("close", () => (connectionClosed = true));
+			channel.on("close", () => {
+				// When the whole connection goes, its channels close first, in the same tick.
+				setImmediate(() => {
+					if (connectionClosed || this.channelDisconnecting || this.connection !== connection) return;
+					this.logger.warn("AMQP channel closed under a live connection; reconnecting.");
+					// The connection's close event makes Transit reconnect (and log it).
+					connection.close().catch(() => undefined);
+				});
+			});
+		});
+	}
+
+	override disconnect(): Promise<void> {
+		clearInterval(this.waitingCallsCheck);
+		this.waitingCallsCheck = undefined;
+		return super.disconnect();
+	}
+
+	override _getQueueOptions(packetType: string, balancedQueue?: boolean): Record<string, unknown> {
+		if ((packetType === REQUEST && !balancedQueue) || packetType === RESPONSE) {
+			return { exclusive: true, durable: false, ...this.opts.queueOptions };
+		}
+		return super._getQueueOptions(packetType, balancedQueue);
+	}
+
+	override _consumeCB(cmd: string, needAck = false): (msg: ConsumeMessage | null) => void | Promise<void> {
+		if (!needAck) return super._consumeCB(cmd, false);
+		// The channel this consumer is being registered on: the one whose delivery tags these messages carry.
+		const channel = this.channel;
+		const settle = (msg: ConsumeMessage, how: Settle) => {
+			try {
+				if (how === "ack") channel?.ack(msg);
+				else channel?.nack(msg);
+			} catch {
+				// The channel has closed since the delivery: RabbitMQ has already requeued or dropped the message.
+			}
+		};
+		return (msg) => {
+			if (!msg) return; // the consumer was cancelled by RabbitMQ
+			const result = this.receive(cmd, msg.content);
+			if (!result || typeof result.then !== "function") {
+				settle(msg, "ack");
+				return result;
+			}
+			return result.then(
+				() => settle(msg, "ack"),
+				(err: unknown) => {
+					this.logger.error("Message handling error.", err);
+					settle(msg, "nack");
+				},
+			);
+		};
+	}
+
+	override send(topic: string, data: Buffer, meta: { balanced?: boolean; packet: { target?: string | null } }): Promise<void> {
+		if (this.channel && meta.packet.target != null && !meta.balanced) {
+			this.channel.sendToQueue(topic, data, { ...this.opts.messageOptions, mandatory: true });
+			return Promise.resolve();
+		}
+		return super.send(topic, data, meta);
+	}
+
+	/** Pings the nodes of the calls waiting since the previous check: a ping to a node that is gone comes back. */
+	private pingNodesOfWaitingCalls(): void {
+		const waiting = this.transit.pendingRequests;
+		const nodes = new Set<string>();
+		for (const [id, request] of waiting) if (this.waitingAtLastCheck.has(id) && request.nodeID) nodes.add(request.nodeID);
+		this.waitingAtLastCheck = new Set(waiting.keys());
+		for (const nodeID of nodes) void this.transit.sendPing(nodeID);
+	}
+
+	/** RabbitMQ had no queue for a packet addressed to one node: that node's connection is gone. */
+	private onReturned(topic: string): void {
+		const nodeID = this.targetOf(topic);
+		if (!nodeID || nodeID === this.nodeID) return;
+		const node = this.broker.registry.nodes.get(nodeID);
+		if (!node?.available) return;
+		this.logger.debug(`RabbitMQ has no queue for node '${nodeID}' (${topic}).`);
+		// Unregisters its services and rejects the calls waiting on it (retryable, so they go elsewhere).
+		this.broker.registry.nodes.disconnected(nodeID, true);
+	}
+
+	/** `<prefix>.<type>.<nodeID>` → nodeID; node IDs may contain dots (hostnames), the prefix and type do not. */
+	private targetOf(topic: string): string | null {
+		const head = `${this.prefix}.`;
+		if (!topic.startsWith(head)) return null;
+		const rest = topic.slice(head.length);
+		const dot = rest.indexOf(".");
+		return dot > 0 ? rest.slice(dot + 1) : null;
+	}
+}
