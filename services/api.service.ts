@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
-import type { Context, ServiceSchema } from "moleculer";
+import type { CallingOptions, Context, Service, ServiceSchema } from "moleculer";
 import { Errors } from "moleculer";
 import ApiGateway, { type ApiSettingsSchema } from "moleculer-web";
 import { healthSchema, openApiDocumentSchema, readinessSchema } from "../lib/api-schemas";
@@ -128,7 +128,7 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 				mappingPolicy: "restrict",
 				bodyParsers: { json: { limit: MAX_BODY, strict: true } },
 				use: [requireJsonBody],
-				// The gateway never re-sends a client's request on its own: not every action is idempotent.
+				// Writes are never re-sent by the gateway (not every action is idempotent); reads may be, see callAction.
 				callOptions: { retries: 0 },
 				onBeforeCall(ctx: Context<unknown, ShopMeta>, route: unknown, req: IncomingMessage) {
 					const key = req.headers["idempotency-key"];
@@ -205,6 +205,15 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 	},
 
 	methods: {
+		/**
+		 * A GET may go to another replica when the one it was sent to crashed or left (a retryable error):
+		 * reads are safe to repeat. A write is not re-sent; a client repeats it with its Idempotency-Key.
+		 */
+		callAction(this: Service, route: GatewayRoute, actionName: string, req: IncomingMessage, ...rest: unknown[]): Promise<unknown> {
+			const effective = req.method === "GET" ? readRouteOf(route) : route;
+			return baseCallAction.call(this, effective, actionName, req, ...rest);
+		},
+
 		/** Resolves the bearer token (if any) to the caller; an absent token is an anonymous caller. */
 		async authenticate(ctx: Context<unknown, ShopMeta>, route: unknown, req: IncomingMessage): Promise<AuthUser | null> {
 			const header = req.headers.authorization;
@@ -226,6 +235,21 @@ const ApiService: ServiceSchema<ApiSettingsSchema> = {
 		},
 	},
 };
+
+type GatewayRoute = { callOptions?: CallingOptions } & Record<string, unknown>;
+
+const baseCallAction = (ApiGateway.methods as Record<string, (this: Service, ...args: unknown[]) => Promise<unknown>>).callAction;
+
+/** Each route as seen by GET requests: the same route, with the broker's retry policy for its calls. */
+const readRoutes = new WeakMap<GatewayRoute, GatewayRoute>();
+function readRouteOf(route: GatewayRoute): GatewayRoute {
+	let read = readRoutes.get(route);
+	if (!read) {
+		read = Object.create(route, { callOptions: { value: { ...route.callOptions, retries: config.retry.retries } } }) as GatewayRoute;
+		readRoutes.set(route, read);
+	}
+	return read;
+}
 
 /** JSON in: a body with another content type is a 400, not an empty object that fails validation later. */
 function requireJsonBody(req: IncomingMessage, res: ServerResponse, next: (err?: Error) => void): void {

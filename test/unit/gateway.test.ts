@@ -1,4 +1,4 @@
-import { ServiceBroker } from "moleculer";
+import { Errors, ServiceBroker } from "moleculer";
 import ApiService from "../../services/api.service";
 import OrdersService from "../../services/orders.service";
 import ProductsService from "../../services/products.service";
@@ -63,5 +63,48 @@ describe("all services in one broker on the memory store", () => {
 		const res = await http<Record<string, unknown>>(base, "GET", "/products/0123456789abcdef01234567");
 		expect(res.status).toBe(404);
 		expect(res.body).toEqual({ name: "NotFoundError", message: "Product not found", code: 404, type: "NOT_FOUND", data: null });
+	});
+});
+
+/** A replica that crashed or left rejects the calls it had (RequestRejectedError, retryable). */
+describe("the gateway's failover for reads", () => {
+	const port = 30_000 + Math.floor(Math.random() * 10_000);
+	const base = `http://127.0.0.1:${port}/api`;
+	const calls = { read: 0, write: 0 };
+	let broker: ServiceBroker;
+
+	/** Fails the first call of each action the way a crashed replica's caller sees it. */
+	function firstCallRejected(action: keyof typeof calls) {
+		return () => {
+			calls[action] += 1;
+			if (calls[action] === 1) throw new Errors.RequestRejectedError({ action: `flaky.${action}`, nodeID: "crashed-replica" });
+			return { attempt: calls[action] };
+		};
+	}
+
+	beforeAll(async () => {
+		broker = new ServiceBroker({ logger: false, retryPolicy: { enabled: true, retries: 2, delay: 10 } });
+		broker.createService({ ...ApiService, settings: { ...ApiService.settings, port } });
+		broker.createService({
+			name: "flaky",
+			actions: {
+				read: { auth: "public", rest: "GET /", handler: firstCallRejected("read") },
+				write: { auth: "public", rest: "POST /", handler: firstCallRejected("write") },
+			},
+		});
+		await broker.start();
+		await eventually(async () => ((await http(base, "GET", "/flaky")).status !== 404 ? true : undefined));
+		calls.read = 0;
+	});
+	afterAll(() => broker.stop());
+
+	it("sends a GET to another replica when the first is gone", async () => {
+		const res = await http(base, "GET", "/flaky");
+		expect({ status: res.status, body: res.body, calls: calls.read }).toEqual({ status: 200, body: { attempt: 2 }, calls: 2 });
+	});
+
+	it("never re-sends a write: the client gets a 503 and repeats it with its Idempotency-Key", async () => {
+		const res = await http(base, "POST", "/flaky", { body: {} });
+		expect({ status: res.status, calls: calls.write }).toEqual({ status: 503, calls: 1 });
 	});
 });
