@@ -299,7 +299,11 @@ describeWithInfra("operations: the process cluster over RabbitMQ and MongoDB", (
 		expect(await cluster.stopNode("products-1", "kill")).toBe("killed by SIGKILL");
 		// No goodbye from a crashed node, but RabbitMQ drops its queues with its connection: the gateway's next
 		// request for it comes back unroutable, and the calls it had fail over (lib/amqp-transporter.ts).
-		await cluster.waitFor(new RegExp(`^\\[api-1\\] .*Node '${cluster.nodeID("products-1")}' disconnected unexpectedly`, "m"), offset, 90_000);
+		await cluster.waitFor(
+			new RegExp(`^\\[api-1\\] .*Node '${cluster.nodeID("products-1")}' disconnected unexpectedly`, "m"),
+			offset,
+			90_000,
+		);
 		const noticedAfterMs = Date.now() - killedAt;
 		const okBefore = load.result.ok;
 		await eventually(async () => (load.result.ok >= okBefore + 60 ? true : undefined));
