@@ -1,5 +1,5 @@
 import { Errors, type ServiceBroker, type BrokerOptions, type Context, type Middleware, type Service } from "moleculer";
-import { ShopAmqpTransporter } from "./lib/amqp-transporter";
+import { ShopAmqpTransporter, type ShopAmqpOptions } from "./lib/amqp-transporter";
 import { config, type Config } from "./lib/config";
 
 /**
@@ -27,15 +27,15 @@ export function amqpUrls(cfg: Pick<Config, "transporter" | "amqp">): string[] | 
 
 /** The AMQP transporter with the options that make it usable (measured in bench/broker.ts) and its fixes. */
 export function amqpTransporter(urls: string[], amqp: Config["amqp"]): ShopAmqpTransporter {
-	return new ShopAmqpTransporter({
+	const options: ShopAmqpOptions = {
 		url: urls,
 		prefetch: amqp.prefetch,
-		// Reaches amqplib's connect; missing from Moleculer's option type.
 		socketOptions: { noDelay: amqp.noDelay },
 		autoDeleteQueues: amqp.autoDeleteQueuesMs,
 		eventTimeToLive: amqp.eventTimeToLiveMs ?? undefined,
 		heartbeatTimeToLive: amqp.heartbeatTimeToLiveMs ?? undefined,
-	} as ConstructorParameters<typeof ShopAmqpTransporter>[0]);
+	};
+	return new ShopAmqpTransporter(options);
 }
 
 /** RabbitMQ through {@link amqpTransporter}; any other scheme is left to Moleculer's own parser (nats://, tcp://, TCP …). */

@@ -4,7 +4,8 @@
  * Measures request/response between two Moleculer nodes running in two separate OS
  * processes (a "responder" with `bench.echo` and a "caller"), over:
  *   - amqp-default : Moleculer AMQP transporter with its defaults (prefetch 1, Nagle on)
- *   - amqp-tuned   : prefetch 100, socketOptions.noDelay, autoDeleteQueues 60 s
+ *   - amqp-tuned   : this project's transporter (lib/amqp-transporter.ts) with prefetch 100 and
+ *                    socketOptions.noDelay
  *   - tcp          : Moleculer TCP transporter (reference, static URLs, no UDP discovery)
  *   - raw-amqplib  : the same request/reply pattern written directly on amqplib (the ceiling)
  * plus a serializer comparison (JSON / CBOR / Notepack) on the tuned AMQP transporter.
@@ -18,7 +19,9 @@
  *     [--concurrency=100] [--ablation] [--json]
  *
  * --smoke     every measurement tiny (200 ms, 1 round): a few seconds, for tests
- * --ablation  also amqp-nodelay-only and amqp-prefetch-only (which knob matters)
+ * --ablation  also amqp-nodelay-only and amqp-prefetch-only (which knob matters),
+ *             amqp-tuned-moleculer (Moleculer's own class, same options: what the subclass costs) and
+ *             raw-amqplib-noack (the raw loop without acks: what RabbitMQ gains without them)
  * --json      also print the results as JSON after the tables
  *
  * The same file is the worker: the orchestrator forks it (with the tsx loader flags it was
@@ -32,6 +35,7 @@ import os from "node:os";
 import { performance } from "node:perf_hooks";
 import amqp from "amqplib";
 import { MOLECULER_VERSION, ServiceBroker, Transporters, type Context } from "moleculer";
+import { ShopAmqpTransporter } from "../lib/amqp-transporter";
 
 // ---------------------------------------------------------------------------------------------
 // Shared types
@@ -41,7 +45,7 @@ type Role = "responder" | "caller";
 type SerializerName = "JSON" | "CBOR" | "Notepack";
 type PayloadName = "small" | "product" | "product-list";
 
-/** Options the AMQP transporter actually reads; `socketOptions` is missing from its .d.ts. */
+/** Options the AMQP transporter actually reads; `socketOptions` is missing from Moleculer's .d.ts. */
 interface AmqpOptions {
 	url: string;
 	prefetch?: number;
@@ -49,7 +53,11 @@ interface AmqpOptions {
 	socketOptions?: { noDelay?: boolean };
 }
 
-type TransportSpec = { type: "AMQP"; options: AmqpOptions } | { type: "TCP"; options: { udpDiscovery: false; urls: string } };
+/** `moleculer`: Moleculer's AMQP transporter; `shop`: this project's subclass (lib/amqp-transporter.ts). */
+type AmqpImpl = "moleculer" | "shop";
+
+type TransportSpec =
+	{ type: "AMQP"; impl: AmqpImpl; options: AmqpOptions } | { type: "TCP"; options: { udpDiscovery: false; urls: string } };
 
 interface MoleculerNodeSpec {
 	kind: "moleculer";
@@ -61,6 +69,8 @@ interface MoleculerNodeSpec {
 
 interface RawNodeSpec {
 	kind: "raw";
+	/** Acknowledge each request (as Moleculer does) or consume without acks. */
+	ack: boolean;
 	url: string;
 	requestQueue: string;
 	prefetch: number;
@@ -310,7 +320,8 @@ async function startMoleculerNode(role: Role, spec: MoleculerNodeSpec): Promise<
 	let transporter: Transporters.Base | TransportSpec = spec.transporter;
 	if (spec.transporter.type === "AMQP") {
 		// An instance instead of a config object, so we can record what it declares.
-		const amqpTx = new Transporters.AMQP(spec.transporter.options);
+		const Impl = spec.transporter.impl === "shop" ? ShopAmqpTransporter : Transporters.AMQP;
+		const amqpTx = new Impl(spec.transporter.options);
 		recordDeclaredNames(amqpTx, [queues, exchanges]);
 		transporter = amqpTx;
 	}
@@ -360,16 +371,20 @@ async function startRawNode(role: Role, spec: RawNodeSpec): Promise<BenchNode> {
 	};
 }
 
-/** Consume requests, echo the decoded params back to `replyTo`, ack like Moleculer does. */
+/** Consume requests, echo the decoded params back to `replyTo`; ack each one (like Moleculer) or not at all. */
 async function serveRaw(ch: amqp.Channel, spec: RawNodeSpec): Promise<CallFn> {
-	await ch.consume(spec.requestQueue, (msg) => {
-		if (!msg) return;
-		const params: unknown = JSON.parse(msg.content.toString());
-		ch.sendToQueue(msg.properties.replyTo as string, Buffer.from(JSON.stringify(params)), {
-			correlationId: msg.properties.correlationId as string,
-		});
-		ch.ack(msg);
-	});
+	await ch.consume(
+		spec.requestQueue,
+		(msg) => {
+			if (!msg) return;
+			const params: unknown = JSON.parse(msg.content.toString());
+			ch.sendToQueue(msg.properties.replyTo as string, Buffer.from(JSON.stringify(params)), {
+				correlationId: msg.properties.correlationId as string,
+			});
+			if (spec.ack) ch.ack(msg);
+		},
+		{ noAck: !spec.ack },
+	);
 	return notACaller;
 }
 
@@ -578,7 +593,15 @@ async function waitReady(pairs: Pair[]): Promise<void> {
 // Orchestrator: variants and cases
 // ---------------------------------------------------------------------------------------------
 
-type TransportVariant = "amqp-default" | "amqp-tuned" | "tcp" | "raw-amqplib" | "amqp-nodelay-only" | "amqp-prefetch-only";
+type TransportVariant =
+	| "amqp-default"
+	| "amqp-tuned"
+	| "tcp"
+	| "raw-amqplib"
+	| "amqp-nodelay-only"
+	| "amqp-prefetch-only"
+	| "amqp-tuned-moleculer"
+	| "raw-amqplib-noack";
 
 interface PairPlan {
 	key: string;
@@ -635,11 +658,11 @@ function moleculerPair(key: string, runId: string, transporter: TransportSpec, s
 	return { key, responder: spec(`${key}-responder`), caller: spec(`${key}-caller`) };
 }
 
-function amqpVariant(variant: TransportVariant, runId: string, options: AmqpOptions): VariantDef {
+function amqpVariant(variant: TransportVariant, runId: string, options: AmqpOptions, impl: AmqpImpl = "moleculer"): VariantDef {
 	const nagle = options.socketOptions?.noDelay !== true;
 	return {
 		variant,
-		pair: moleculerPair(variant, runId, { type: "AMQP", options }),
+		pair: moleculerPair(variant, runId, { type: "AMQP", impl, options }),
 		slowSequential: nagle,
 		slowConcurrent: nagle && (options.prefetch ?? 1) === 1,
 	};
@@ -655,11 +678,13 @@ async function planVariants(url: string, runId: string, ablation: boolean): Prom
 		requestQueue: `${runId}-raw.requests`,
 		prefetch: 100,
 		noDelay: true,
+		ack: true,
 	};
+	const rawNoAck: RawNodeSpec = { ...raw, requestQueue: `${runId}-raw-noack.requests`, ack: false };
 	const fast = { slowSequential: false, slowConcurrent: false };
 	const variants: VariantDef[] = [
 		amqpVariant("amqp-default", runId, { url }),
-		amqpVariant("amqp-tuned", runId, tunedAmqp(url)),
+		amqpVariant("amqp-tuned", runId, tunedAmqp(url), "shop"),
 		{
 			variant: "tcp",
 			pair: moleculerPair("tcp", runId, {
@@ -675,6 +700,14 @@ async function planVariants(url: string, runId: string, ablation: boolean): Prom
 		variants.push(
 			amqpVariant("amqp-nodelay-only", runId, { url, socketOptions: { noDelay: true } }),
 			amqpVariant("amqp-prefetch-only", runId, { url, prefetch: 100 }),
+			// What the subclass (lib/amqp-transporter.ts) costs: Moleculer's own class with the same options.
+			amqpVariant("amqp-tuned-moleculer", runId, tunedAmqp(url)),
+			// What RabbitMQ gains when requests are not acknowledged (measured, not adopted: see docs/benchmarks.md).
+			{
+				variant: "raw-amqplib-noack",
+				pair: { key: "raw-amqplib-noack", responder: rawNoAck, caller: rawNoAck },
+				...fast,
+			},
 		);
 	}
 	return variants;
@@ -688,7 +721,7 @@ const SERIALIZER_PAIRS: [SerializerName, string][] = [
 
 function serializerPairs(url: string, runId: string): PairPlan[] {
 	return SERIALIZER_PAIRS.filter(([name]) => name !== "JSON").map(([name, key]) =>
-		moleculerPair(key, runId, { type: "AMQP", options: tunedAmqp(url) }, name),
+		moleculerPair(key, runId, { type: "AMQP", impl: "shop", options: tunedAmqp(url) }, name),
 	);
 }
 

@@ -16,7 +16,7 @@
  * Every topology runs at once; each round measures every scenario on every topology in turn after a
  * warm-up, and the tables show the median round. Node CPU and peak RSS come from /proc.
  *
- *   npm run bench            (builds, then runs; about 8 minutes; writes docs/benchmarks.md)
+ *   npm run bench            (builds, then runs; under 10 minutes; writes docs/benchmarks.md)
  *   npm run bench -- --smoke (seconds, from the TypeScript sources; the test suite runs it)
  */
 import { spawn, type ChildProcess } from "node:child_process";
@@ -345,7 +345,7 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 	const names = opts.topologies ?? (opts.smoke ? ["in-process", "amqp-tuned"] : ["in-process", "amqp-default", "amqp-tuned", "tcp"]);
 	const rounds = opts.rounds ?? (opts.smoke ? 1 : 3);
 	// Long enough in smoke mode for 50 concurrent orders on a slow database to complete.
-	const durationSec = opts.durationSec ?? (opts.smoke ? 3 : 5);
+	const durationSec = opts.durationSec ?? (opts.smoke ? 3 : 4);
 	const scenarios: ScenarioName[] = ["get-product", "list", "order"];
 	const connectionCounts = [1, 50];
 

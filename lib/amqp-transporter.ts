@@ -7,6 +7,11 @@ const RESPONSE = "RES";
 
 type Settle = "ack" | "nack";
 
+export interface ShopAmqpOptions extends NonNullable<Exclude<ConstructorParameters<typeof Transporters.AMQP>[0], string>> {
+	/** amqplib's socket options; `noDelay` sets TCP_NODELAY. Missing from Moleculer's option type. */
+	socketOptions?: { noDelay?: boolean };
+}
+
 /** How often a node checks that the nodes its waiting calls went to are still connected. */
 const WAITING_CALLS_CHECK_MS = 1_000;
 
