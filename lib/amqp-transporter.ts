@@ -18,13 +18,14 @@ const WAITING_CALLS_CHECK_MS = 1_000;
 /**
  * Moleculer's AMQP transporter with three fixes that make a node survive what happens to it in production:
  *
- * 1. **A node that crashed is noticed at once, not after the heartbeat timeout.** Each node's request
- *    and response queues are exclusive to its connection, so RabbitMQ deletes them the moment the
- *    connection drops (a SIGKILL included). Packets addressed to one node are published `mandatory`:
- *    RabbitMQ returns one it cannot route, and the sender then takes that node as gone, which rejects
- *    the calls still waiting on it with a retryable error (Moleculer's RequestRejectedError). Upstream
- *    keeps those queues for `autoDeleteQueues` (2 minutes by default) and the calls wait for the heartbeat
- *    timeout or their own.
+ * 1. **A node that crashed is noticed within about a second, not at the heartbeat timeout.** Each
+ *    node's request and response queues are exclusive to its connection, so RabbitMQ deletes them the
+ *    moment the connection drops (a SIGKILL included). Packets addressed to one node are published
+ *    `mandatory`: RabbitMQ returns one it cannot route, and the sender then takes that node as gone,
+ *    which rejects the calls still waiting on it with a retryable error (Moleculer's
+ *    RequestRejectedError). A call still waiting after a second gets its node pinged, so a crash is
+ *    noticed even when nothing else is being sent there. Upstream keeps those queues for
+ *    `autoDeleteQueues` (2 minutes by default), and the calls wait for the heartbeat timeout or their own.
  * 2. **Acknowledge a request on the channel that delivered it.** Upstream acks on `this.channel`, which
  *    after a reconnect is a new channel: a request that was in flight across a RabbitMQ restart is then
  *    acked with another channel's delivery tag, RabbitMQ closes the channel (PRECONDITION_FAILED) and
@@ -134,7 +135,7 @@ export class ShopAmqpTransporter extends Transporters.AMQP {
 		this.broker.registry.nodes.disconnected(nodeID, true);
 	}
 
-	/** `<prefix>.<type>.<nodeID>` → nodeID; node IDs may contain dots (hostnames), the prefix and type do not. */
+	/** `<prefix>.<type>.<nodeID>` → nodeID. The prefix is known and the type has no dot; node IDs may have some (hostnames). */
 	private targetOf(topic: string): string | null {
 		const head = `${this.prefix}.`;
 		if (!topic.startsWith(head)) return null;
