@@ -16,7 +16,7 @@ export interface ShopAmqpOptions extends NonNullable<Exclude<ConstructorParamete
 const WAITING_CALLS_CHECK_MS = 1_000;
 
 /**
- * Moleculer's AMQP transporter with three fixes that make a node survive what happens to it in production:
+ * Moleculer's AMQP transporter with four fixes that make a node survive what happens to it in production:
  *
  * 1. **A node that crashed is noticed within about a second, not at the heartbeat timeout.** Each
  *    node's request and response queues are exclusive to its connection, so RabbitMQ deletes them the
@@ -32,6 +32,7 @@ const WAITING_CALLS_CHECK_MS = 1_000;
  *    the node stops answering for good. A delivery whose channel has closed is already requeued or gone.
  * 3. **A channel closed under a live connection reconnects.** Upstream only reconnects when the whole
  *    connection closes; a channel error left the node connected to RabbitMQ with no channel.
+ * 4. **A failed connection attempt is closed** instead of left open at every retry.
  */
 export class ShopAmqpTransporter extends Transporters.AMQP {
 	declare connection: ChannelModel | null;
@@ -44,25 +45,14 @@ export class ShopAmqpTransporter extends Transporters.AMQP {
 	/** `errorCallback` is how the base class asks Transit to reconnect; its AMQP .d.ts leaves it out. */
 	override connect(errorCallback?: Parameters<Transporters.Base["connect"]>[0]): Promise<void> {
 		const connect = super.connect as unknown as (cb: typeof errorCallback) => Promise<void>;
-		return connect.call(this, errorCallback).then(() => {
-			this.waitingCallsCheck ??= setInterval(() => this.pingNodesOfWaitingCalls(), WAITING_CALLS_CHECK_MS).unref();
-			const { connection, channel } = this;
-			if (!connection || !channel) return;
-			// Replaces the base class's listener, which logs every returned message with its content.
-			channel.removeAllListeners("return");
-			channel.on("return", (msg: Message) => this.onReturned(msg.fields.routingKey));
-			let connectionClosed = false;
-			connection.once("close", () => (connectionClosed = true));
-			channel.on("close", () => {
-				// When the whole connection goes, its channels close first, in the same tick.
-				setImmediate(() => {
-					if (connectionClosed || this.channelDisconnecting || this.connection !== connection) return;
-					this.logger.warn("AMQP channel closed under a live connection; reconnecting.");
-					// The connection's close event makes Transit reconnect (and log it).
-					connection.close().catch(() => undefined);
-				});
-			});
-		});
+		const previous = this.connection;
+		return connect.call(this, errorCallback).then(
+			() => this.watchNewChannel(),
+			(err: unknown) => {
+				this.closeFailedAttempt(previous);
+				throw err;
+			},
+		);
 	}
 
 	override disconnect(): Promise<void> {
@@ -113,6 +103,42 @@ export class ShopAmqpTransporter extends Transporters.AMQP {
 			return Promise.resolve();
 		}
 		return super.send(topic, data, meta);
+	}
+
+	/** Listens to the channel just created: returned packets, and a close that leaves the connection up. */
+	private watchNewChannel(): void {
+		this.waitingCallsCheck ??= setInterval(() => this.pingNodesOfWaitingCalls(), WAITING_CALLS_CHECK_MS).unref();
+		const { connection, channel } = this;
+		if (!connection || !channel) return;
+		// Replaces the base class's listener, which logs every returned message with its content.
+		channel.removeAllListeners("return");
+		channel.on("return", (msg: Message) => this.onReturned(msg.fields.routingKey));
+		let connectionClosed = false;
+		connection.once("close", () => (connectionClosed = true));
+		channel.on("close", () => {
+			// When the whole connection goes, its channels close first, in the same tick.
+			setImmediate(() => {
+				if (connectionClosed || this.channelDisconnecting || this.connection !== connection) return;
+				this.logger.warn("AMQP channel closed under a live connection; reconnecting.");
+				// The connection's close event makes Transit reconnect (and log it).
+				connection.close().catch(() => undefined);
+			});
+		});
+	}
+
+	/**
+	 * The base class leaves the connection of a failed attempt open, one more per retry (every 5 s). An
+	 * attempt fails when, say, RabbitMQ still gives this node's exclusive queues to the connection it lost
+	 * and has not reaped yet (RESOURCE_LOCKED).
+	 */
+	private closeFailedAttempt(previous: ChannelModel | null): void {
+		const attempt = this.connection;
+		if (!attempt || attempt === previous) return;
+		this.connectionDisconnecting = true;
+		void attempt
+			.close()
+			.catch(() => undefined)
+			.finally(() => (this.connectionDisconnecting = false));
 	}
 
 	/** Pings the nodes of the calls waiting since the previous check: a ping to a node that is gone comes back. */

@@ -1,5 +1,6 @@
 import { spawn, execFile, type ChildProcess } from "node:child_process";
 import { promisify } from "node:util";
+import amqp from "amqplib";
 import { ServiceBroker } from "moleculer";
 import { config } from "../../lib/config";
 import { transporterFrom } from "../../moleculer.config";
@@ -22,17 +23,33 @@ describeWithInfra("the shop's AMQP transporter on the real RabbitMQ", () => {
 	const probes = new Map<string, ChildProcess>();
 	let caller: ServiceBroker;
 
-	/** Starts a probe node and waits until the caller knows its service. */
-	async function startProbe(nodeID: string): Promise<ChildProcess> {
+	/** A probe node's process, with what it has logged so far. */
+	function spawnProbe(nodeID: string): { child: ChildProcess; log: () => string } {
 		const child = spawn(process.execPath, ["--import", "tsx", "test/support/amqp-probe-node.ts"], {
 			env: { PATH: process.env.PATH, TEST_AMQP_URL: infra!.amqpUrl, NAMESPACE: namespace, NODE_ID: nodeID },
-			stdio: ["ignore", "pipe", "inherit"],
+			stdio: ["ignore", "pipe", "pipe"],
 		});
 		probes.set(nodeID, child);
-		await eventually(async () =>
-			caller.registry.getServiceList({ onlyAvailable: true }).some((s) => s.name === "probe" && s.nodeID === nodeID) ? true : undefined,
-		);
+		let output = "";
+		child.stdout?.on("data", (chunk: Buffer) => (output += chunk.toString()));
+		child.stderr?.on("data", (chunk: Buffer) => (output += chunk.toString()));
+		return { child, log: () => output };
+	}
+
+	const known = (nodeID: string) => async () =>
+		caller.registry.getServiceList({ onlyAvailable: true }).some((s) => s.name === "probe" && s.nodeID === nodeID) ? true : undefined;
+
+	/** Starts a probe node and waits until the caller knows its service. */
+	async function startProbe(nodeID: string): Promise<ChildProcess> {
+		const { child } = spawnProbe(nodeID);
+		await eventually(known(nodeID));
 		return child;
+	}
+
+	/** Client connections RabbitMQ has open right now. */
+	async function openConnections(): Promise<number> {
+		const { stdout } = await promisify(execFile)("rabbitmqctl", ["list_connections", "--quiet", "--no-table-headers", "name"]);
+		return stdout.split("\n").filter((line) => line.trim()).length;
 	}
 
 	const ping = (nodeID: string, timeout = 2_000) => caller.call("probe.ping", {}, { nodeID, timeout, retries: 0 });
@@ -52,7 +69,7 @@ describeWithInfra("the shop's AMQP transporter on the real RabbitMQ", () => {
 	});
 
 	afterAll(async () => {
-		for (const child of probes.values()) child.kill("SIGTERM");
+		for (const child of probes.values()) child.kill("SIGKILL");
 		await caller?.stop();
 	});
 
@@ -96,4 +113,23 @@ describeWithInfra("the shop's AMQP transporter on the real RabbitMQ", () => {
 		for (let i = 0; i < 20; i++) answers.push(await outcome(ping(nodeID)));
 		expect(answers).toEqual(Array(20).fill("answered"));
 	}, 150_000);
+
+	it("waits for its queue while RabbitMQ still gives it to a lost connection, without leaking a connection per attempt", async () => {
+		const nodeID = "probe-locked";
+		// The node's exclusive request queue, still held by a connection RabbitMQ has not reaped yet.
+		const stale = await amqp.connect(infra!.amqpUrl);
+		await (await stale.createChannel()).assertQueue(`MOL-${namespace}.REQ.${nodeID}`, { exclusive: true, durable: false });
+		const before = await openConnections();
+
+		const probe = spawnProbe(nodeID);
+		// Refused (RESOURCE_LOCKED), it tries again every 5 s: wait for its second failed attempt.
+		await eventually(async () => ((probe.log().match(/Connection is failed/g)?.length ?? 0) >= 2 ? true : undefined), 30_000, 250);
+		expect((await openConnections()) - before).toBeLessThanOrEqual(1);
+
+		await stale.close();
+		await eventually(known(nodeID), 30_000);
+		expect(await outcome(ping(nodeID))).toBe("answered");
+		// The probe's one connection instead of the stale one.
+		await eventually(async () => ((await openConnections()) === before ? true : undefined), 10_000, 250);
+	}, 90_000);
 });
