@@ -345,7 +345,7 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 	const names = opts.topologies ?? (opts.smoke ? ["in-process", "amqp-tuned"] : ["in-process", "amqp-default", "amqp-tuned", "tcp"]);
 	const rounds = opts.rounds ?? (opts.smoke ? 1 : 3);
 	// Long enough in smoke mode for 50 concurrent orders on a slow database to complete.
-	const durationSec = opts.durationSec ?? (opts.smoke ? 3 : 4);
+	const durationSec = opts.durationSec ?? 3;
 	const scenarios: ScenarioName[] = ["get-product", "list", "order"];
 	const connectionCounts = [1, 50];
 
