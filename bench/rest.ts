@@ -344,7 +344,7 @@ export async function runRestBench(opts: RestBenchOptions): Promise<RestBenchRes
 	const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
 	const names = opts.topologies ?? (opts.smoke ? ["in-process", "amqp-tuned"] : ["in-process", "amqp-default", "amqp-tuned", "tcp"]);
 	const rounds = opts.rounds ?? (opts.smoke ? 1 : 3);
-	// Long enough in smoke mode for 50 concurrent orders on a slow database to complete.
+	// Long enough for 50 concurrent orders on a slow database to complete.
 	const durationSec = opts.durationSec ?? 3;
 	const scenarios: ScenarioName[] = ["get-product", "list", "order"];
 	const connectionCounts = [1, 50];
