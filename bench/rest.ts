@@ -260,7 +260,8 @@ function serverPids(mongoPort: string): Record<string, number> {
 				rabbitRss = rssKiB(entry);
 				found.rabbitmq = Number(entry);
 			}
-			if (comm.startsWith("ferretdb") && readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(`:${mongoPort}`)) found.ferretdb = Number(entry);
+			const ferretdbOnOurPort = comm.startsWith("ferretdb") && readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(`:${mongoPort}`);
+			if (ferretdbOnOurPort) found.ferretdb = Number(entry);
 		} catch {
 			// the process ended meanwhile
 		}

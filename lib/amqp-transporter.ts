@@ -9,7 +9,7 @@ type Settle = "ack" | "nack";
 
 export interface ShopAmqpOptions extends NonNullable<Exclude<ConstructorParameters<typeof Transporters.AMQP>[0], string>> {
 	/** amqplib's socket options; `noDelay` sets TCP_NODELAY. Missing from Moleculer's option type. */
-	socketOptions?: { noDelay?: boolean };
+	socketOptions?: { noDelay?: boolean; clientProperties?: Record<string, string> };
 }
 
 /** How often a node checks that the nodes its waiting calls went to are still connected. */
@@ -46,6 +46,9 @@ export class ShopAmqpTransporter extends Transporters.AMQP {
 	override connect(errorCallback?: Parameters<Transporters.Base["connect"]>[0]): Promise<void> {
 		const connect = super.connect as unknown as (cb: typeof errorCallback) => Promise<void>;
 		const previous = this.connection;
+		// RabbitMQ lists the connection under the node's ID (the management UI's connection name, `client_properties`).
+		const options = this.opts as ShopAmqpOptions;
+		options.socketOptions = { ...options.socketOptions, clientProperties: { connection_name: this.nodeID } };
 		return connect.call(this, errorCallback).then(
 			() => this.watchNewChannel(),
 			(err: unknown) => {
