@@ -293,7 +293,17 @@ describeWithInfra("operations: the process cluster over RabbitMQ and MongoDB", (
 
 	it("loses no request under steady load when a products replica crashes (SIGKILL): the gateway notices at once", async () => {
 		const load = steadyLoad([getProduct, getProduct, getProduct, placeOrder]);
-		await eventually(async () => (load.result.ok >= 40 ? true : undefined));
+		// products-2 was started again by the previous test: it must be back in every caller's registry, or
+		// killing products-1 leaves a caller without products.
+		const products2 = cluster.nodeID("products-2");
+		await eventually(async () => {
+			const views = await Promise.all(
+				["api-1", "orders-1", "orders-2"].map((caller) =>
+					client.call<Array<{ id: string; available: boolean }>, object>("$node.list", {}, { nodeID: cluster.nodeID(caller) }),
+				),
+			);
+			return views.every((nodes) => nodes.some((n) => n.id === products2 && n.available)) && load.result.ok >= 40 ? true : undefined;
+		}, 45_000);
 		const offset = cluster.output().length;
 		const killedAt = Date.now();
 		expect(await cluster.stopNode("products-1", "kill")).toBe("killed by SIGKILL");
